@@ -1,0 +1,28 @@
+//! imagegen: a background worker that turns rows in a Postgres jobs table into images in
+//! S3-compatible storage.
+//!
+//! Other applications insert rows into `imagegen.jobs` with plain SQL; `imagegen worker` claims
+//! them, calls OpenRouter's Gemini image models, stores the images and records URLs, tokens and
+//! cost on the row.
+//!
+//! Layout:
+//! - [`error`]: the transient / permanent / halt classification every module uses.
+//! - [`retry`]: the retry policy (exponential backoff with a cap and full jitter).
+//! - [`queue`]: the only code that speaks SQL to the jobs tables; one function per state change.
+//! - [`worker`]: slots, leases, heartbeats, pauses and shutdown around a pluggable job handler.
+//! - [`openrouter`]: the provider client and its local stand-in server.
+//! - [`image`]: data-URL decoding, format sniffing, dimensions.
+//! - [`storage`]: S3 and local-directory backends and the object key scheme.
+//! - `migrations/`: plain SQL, run by [`MIGRATOR`].
+
+pub mod error;
+pub mod image;
+pub mod openrouter;
+pub mod queue;
+pub mod retry;
+pub mod storage;
+pub mod worker;
+
+/// The schema migrations in `migrations/`, embedded in the binary. sqlx takes a Postgres advisory
+/// lock while migrating, so several processes may run it at once.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,1 @@
+//! Slots, leases, heartbeats, pauses and shutdown around a pluggable job handler.

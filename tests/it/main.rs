@@ -1,0 +1,3 @@
+//! The one integration-test binary: shared helpers and a module per area.
+
+mod helpers;
