@@ -26,7 +26,7 @@ CREATE TABLE imagegen.jobs (
     image_urls        text[]      NOT NULL DEFAULT '{}',
     prompt_tokens     bigint      NOT NULL DEFAULT 0,
     completion_tokens bigint      NOT NULL DEFAULT 0,
-    cost_usd          numeric(14, 6) NOT NULL DEFAULT 0,
+    cost_usd          numeric     NOT NULL DEFAULT 0,
     created_at        timestamptz NOT NULL DEFAULT now(),
     started_at        timestamptz,
     finished_at       timestamptz,
@@ -82,7 +82,7 @@ CREATE TABLE imagegen.attempts (
     prompt_tokens     bigint      NOT NULL DEFAULT 0,
     completion_tokens bigint      NOT NULL DEFAULT 0,
     image_tokens      bigint      NOT NULL DEFAULT 0,
-    cost_usd          numeric(14, 6) NOT NULL DEFAULT 0,
+    cost_usd          numeric     NOT NULL DEFAULT 0,
     generation_id     text,
     duration_ms       bigint,
     CONSTRAINT attempts_outcome_valid CHECK (outcome IN
