@@ -6,6 +6,7 @@
 //! cost on the row.
 //!
 //! Layout:
+//! - [`db`]: connecting (creating the database if missing) and migrating.
 //! - [`error`]: the transient / permanent / halt classification every module uses.
 //! - [`retry`]: the retry policy (exponential backoff with a cap and full jitter).
 //! - [`queue`]: the only code that speaks SQL to the jobs tables; one function per state change.
@@ -15,6 +16,7 @@
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
 
+pub mod db;
 pub mod error;
 pub mod image;
 pub mod openrouter;

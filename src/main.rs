@@ -1,1 +1,379 @@
-fn main() {}
+//! The `imagegen` command line: parse, set up tracing, dispatch to the library.
+
+use std::io::BufRead;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use imagegen::db;
+use imagegen::queue::{NewJob, Queue};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "imagegen",
+    version,
+    about = "Turns rows in imagegen.jobs into images in S3-compatible storage"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Postgres to use; the database is created if missing.
+    #[arg(long, env = "DATABASE_URL", default_value = db::DEFAULT_DATABASE_URL, global = true,
+        hide_env_values = true)]
+    database_url: String,
+    /// Log format.
+    #[arg(
+        long,
+        env = "IMAGEGEN_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade the schema (safe to run from several processes at once).
+    Migrate,
+    /// Add jobs: one from flags, or one per line of a file ('-' for standard input).
+    Enqueue(EnqueueArgs),
+    /// Counts per state (and per batch), cost so far, and the workers running.
+    Status(StatusArgs),
+    /// One job with its attempts.
+    Show {
+        id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed or cancelled job (or all failed jobs of a batch) back to pending.
+    Retry {
+        /// The job to retry.
+        #[arg(required_unless_present = "failed")]
+        id: Option<i64>,
+        /// Retry every failed job (of --batch, if given).
+        #[arg(long, conflicts_with = "id")]
+        failed: bool,
+        #[arg(long, requires = "failed")]
+        batch: Option<String>,
+    },
+    /// Cancel a pending job, or every pending job of a batch.
+    Cancel {
+        #[arg(required_unless_present = "batch")]
+        id: Option<i64>,
+        #[arg(long, conflicts_with = "id")]
+        batch: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct EnqueueArgs {
+    /// The prompt (or use --file).
+    #[arg(required_unless_present = "file")]
+    prompt: Option<String>,
+    /// A file with one prompt per line ('-' for standard input); blank lines are skipped.
+    #[arg(long, conflicts_with = "prompt")]
+    file: Option<String>,
+    #[arg(long)]
+    aspect_ratio: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    /// 1K, 2K or 4K (the Pro model honours it).
+    #[arg(long)]
+    image_size: Option<String>,
+    #[arg(long)]
+    batch: Option<String>,
+    /// Higher runs first (-1000..1000).
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Makes re-running the same enqueue safe (single prompt only).
+    #[arg(long, conflicts_with = "file")]
+    idempotency_key: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<i32>,
+    /// JSON kept on the row untouched.
+    #[arg(long)]
+    metadata: Option<String>,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Break the counts down per batch.
+    #[arg(long)]
+    by_batch: bool,
+    /// Only this batch.
+    #[arg(long)]
+    batch: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Rows per INSERT statement when enqueueing from a file.
+const ENQUEUE_CHUNK: usize = 5000;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,sqlx=warn,aws_config=warn,aws_smithy_runtime=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn open_queue(g: &Global, max_connections: u32) -> anyhow::Result<Queue> {
+    let pool = db::connect(&g.database_url, max_connections).await?;
+    db::migrate(&pool).await?;
+    Ok(Queue::new(pool))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Migrate => {
+            let pool = db::connect(&g.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            println!("migrated {}", db::describe(&g.database_url));
+        }
+        Command::Enqueue(a) => enqueue(open_queue(g, 2).await?, a).await?,
+        Command::Status(a) => status(open_queue(g, 2).await?, a).await?,
+        Command::Show { id, json } => show(open_queue(g, 2).await?, id, json).await?,
+        Command::Retry { id, failed, batch } => {
+            let q = open_queue(g, 2).await?;
+            if let Some(id) = id {
+                q.retry(id).await?;
+                println!("job {id} is pending again");
+            } else if failed {
+                let n = q.retry_failed(batch.as_deref()).await?;
+                println!("{n} failed job(s) pending again");
+            }
+        }
+        Command::Cancel { id, batch } => {
+            let q = open_queue(g, 2).await?;
+            if let Some(id) = id {
+                q.cancel(id).await?;
+                println!("job {id} cancelled");
+            } else if let Some(b) = batch {
+                let n = q.cancel_batch(&b).await?;
+                println!("{n} pending job(s) of batch {b:?} cancelled");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
+    let metadata = match &a.metadata {
+        Some(m) => Some(serde_json::from_str(m).context("--metadata is not valid JSON")?),
+        None => None,
+    };
+    let template = NewJob {
+        prompt: String::new(),
+        aspect_ratio: a.aspect_ratio,
+        model: a.model,
+        image_size: a.image_size,
+        batch: a.batch,
+        priority: a.priority,
+        run_at: None,
+        idempotency_key: a.idempotency_key,
+        max_attempts: a.max_attempts,
+        metadata,
+    };
+    if let Some(prompt) = a.prompt {
+        let job = NewJob { prompt, ..template };
+        let e = q.enqueue(&job).await.map_err(explain_constraint)?;
+        if e.created {
+            println!("{}", e.id);
+        } else {
+            println!("{} (already enqueued with this idempotency key)", e.id);
+        }
+        return Ok(());
+    }
+    let Some(path) = a.file else {
+        bail!("give a prompt or --file");
+    };
+    let reader: Box<dyn BufRead> = if path == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?,
+        ))
+    };
+    let mut chunk = Vec::with_capacity(ENQUEUE_CHUNK);
+    let mut total = 0u64;
+    for line in reader.lines() {
+        let line = line.context("reading prompts")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        chunk.push(NewJob {
+            prompt: line,
+            ..template.clone()
+        });
+        if chunk.len() == ENQUEUE_CHUNK {
+            total += q.enqueue_many(&chunk).await.map_err(explain_constraint)?;
+            chunk.clear();
+        }
+    }
+    total += q.enqueue_many(&chunk).await.map_err(explain_constraint)?;
+    println!("enqueued {total} job(s)");
+    Ok(())
+}
+
+/// Turns a constraint violation into the rule it names, for people at a terminal.
+fn explain_constraint(e: imagegen::queue::QueueError) -> anyhow::Error {
+    if let imagegen::queue::QueueError::Database(sqlx::Error::Database(db)) = &e
+        && let Some(c) = db.constraint()
+    {
+        return anyhow::anyhow!("rejected by the database: {c} ({})", db.message());
+    }
+    e.into()
+}
+
+async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
+    let counts = q.counts(a.by_batch, a.batch.as_deref()).await?;
+    let workers = q.live_workers(std::time::Duration::from_secs(120)).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"counts": counts, "workers": workers})
+            )?
+        );
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED);
+    if a.by_batch {
+        t.set_header(["batch", "state", "jobs", "cost (USD)"]);
+    } else {
+        t.set_header(["state", "jobs", "cost (USD)"]);
+    }
+    let mut total = rust_decimal::Decimal::ZERO;
+    for c in &counts {
+        total += c.cost_usd;
+        let mut row = Vec::new();
+        if a.by_batch {
+            row.push(c.batch.clone().unwrap_or_else(|| "(none)".into()));
+        }
+        row.extend([
+            c.state.clone(),
+            c.jobs.to_string(),
+            c.cost_usd.round_dp(4).to_string(),
+        ]);
+        t.add_row(row);
+    }
+    println!("{t}");
+    println!("total cost so far: ${}", total.round_dp(4));
+    if workers.is_empty() {
+        println!("no worker running");
+    }
+    for w in workers {
+        match (&w.paused_until, &w.pause_reason) {
+            (Some(until), Some(reason)) => println!(
+                "worker {} on {} (pid {}): PAUSED until {until}: {reason}",
+                w.id, w.hostname, w.pid
+            ),
+            _ => println!(
+                "worker {} on {} (pid {}): running, last heartbeat {}",
+                w.id, w.hostname, w.pid, w.heartbeat_at
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
+    let job = q.job(id).await?;
+    let attempts = q.attempts(id).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"job": job, "attempts": attempts}))?
+        );
+        return Ok(());
+    }
+    println!(
+        "job {}  [{}]  attempts {}/{}",
+        job.id, job.state, job.attempts, job.max_attempts
+    );
+    println!("prompt:   {}", job.prompt);
+    println!(
+        "model:    {}  aspect {}  size {}",
+        job.model,
+        job.aspect_ratio,
+        job.image_size.as_deref().unwrap_or("-")
+    );
+    if let Some(b) = &job.batch {
+        println!("batch:    {b}");
+    }
+    println!(
+        "tokens:   {} prompt, {} completion; cost ${}",
+        job.prompt_tokens, job.completion_tokens, job.cost_usd
+    );
+    println!("created:  {}", job.created_at);
+    if let Some(f) = job.finished_at {
+        println!("finished: {f}");
+    }
+    if let Some(e) = &job.last_error {
+        println!("error:    {e}");
+    }
+    for u in &job.image_urls {
+        println!("image:    {u}");
+    }
+    if !attempts.is_empty() {
+        let mut t = Table::new();
+        t.load_style(UTF8_FULL_CONDENSED);
+        t.set_header(["#", "outcome", "http", "ms", "cost", "error"]);
+        for a in attempts {
+            t.add_row([
+                a.attempt.to_string(),
+                a.outcome,
+                a.http_status.map(|s| s.to_string()).unwrap_or_default(),
+                a.duration_ms.map(|d| d.to_string()).unwrap_or_default(),
+                a.cost_usd.to_string(),
+                a.error.unwrap_or_default(),
+            ]);
+        }
+        println!("{t}");
+    }
+    Ok(())
+}

@@ -1,1 +1,885 @@
-//! The only code that speaks SQL to the jobs tables.
+//! The only code that speaks SQL to the jobs tables: enqueue, claim, renew, finish, rescue,
+//! cancel, retry and the read-side queries for status. One documented function per state change.
+//!
+//! State machine of `imagegen.jobs.state`:
+//!
+//! ```text
+//!   pending --claim--> running --complete(succeeded)--> succeeded
+//!      ^  ^               |  \--complete(failed)------> failed
+//!      |  |               |   \-rescue (lease expired, attempts left = no)--> failed
+//!      |  \--complete(retry | released | halted)--/
+//!      \----- rescue (lease expired, attempts left) --/
+//!   pending --cancel--> cancelled;  failed | cancelled --retry--> pending
+//! ```
+//!
+//! The fencing token of a running job is `(lease_owner, attempts)`: a claim bumps `attempts` and
+//! sets `lease_owner`, and every write that finishes or renews a job checks both, so a worker whose
+//! job was rescued and claimed again (even by the same worker) can never overwrite the new result.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use sqlx::postgres::PgListener;
+use sqlx::{FromRow, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::{Classify, ErrorClass};
+
+/// The channel the insert trigger notifies (see the first migration).
+pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";
+
+/// The most rows one claim statement takes, however many slots are free: bigger batches stop
+/// paying for themselves and make one slow claim hold many row locks.
+pub const MAX_CLAIM_BATCH: i64 = 500;
+
+/// Errors from the queue. Database trouble is transient: the worker backs off and tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database could not be reached or the statement failed for a transient reason.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A job the caller named does not exist.
+    #[error("job {0} not found")]
+    NotFound(i64),
+    /// A state change that the job's current state does not allow.
+    #[error("job {id} is {state}: {what}")]
+    WrongState {
+        id: i64,
+        state: String,
+        what: &'static str,
+    },
+}
+
+impl Classify for QueueError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            QueueError::Database(sqlx::Error::Database(db)) if db.constraint().is_some() => {
+                ErrorClass::Permanent
+            }
+            QueueError::Database(_) => ErrorClass::RETRY,
+            QueueError::NotFound(_) | QueueError::WrongState { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+/// A job as a worker holds it after claiming it.
+#[derive(Debug, Clone, FromRow)]
+pub struct Job {
+    pub id: i64,
+    pub prompt: String,
+    pub aspect_ratio: String,
+    pub model: String,
+    pub image_size: Option<String>,
+    pub batch: Option<String>,
+    pub priority: i32,
+    /// The attempt this claim is, 1-based; part of the fencing token.
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub metadata: Option<serde_json::Value>,
+    pub lease_owner: Option<Uuid>,
+    /// When this attempt was claimed.
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// The fencing token of this claim.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            worker: self.lease_owner.unwrap_or_default(),
+            attempt: self.attempts,
+        }
+    }
+}
+
+/// Which worker holds a job, for which attempt. Every finishing write must present it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub worker: Uuid,
+    pub attempt: i32,
+}
+
+/// What an application (or the CLI) asks for. Defaults match the table's.
+#[derive(Debug, Clone, Default)]
+pub struct NewJob {
+    pub prompt: String,
+    pub aspect_ratio: Option<String>,
+    pub model: Option<String>,
+    pub image_size: Option<String>,
+    pub batch: Option<String>,
+    pub priority: Option<i32>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: Option<i32>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// What one attempt reported, whatever its outcome: billed failures are recorded too.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttemptRecord {
+    pub http_status: Option<i32>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub image_tokens: i64,
+    pub cost_usd: Decimal,
+    pub generation_id: Option<String>,
+}
+
+/// One stored image of a succeeded job, for `imagegen.images`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRow {
+    pub index: i32,
+    pub key: String,
+    pub url: String,
+    pub content_type: String,
+    pub bytes: i64,
+    pub width: i32,
+    pub height: i32,
+    pub sha256: String,
+}
+
+/// How an attempt ends, as the worker decided it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    /// Done: the URLs go on the row, the images into `imagegen.images`.
+    Succeeded {
+        image_urls: Vec<String>,
+        images: Vec<ImageRow>,
+    },
+    /// Back to pending, runnable again after `delay`; the attempt is spent.
+    Retry { error: String, delay: Duration },
+    /// Failed for good (permanent error, or no attempts left).
+    Failed { error: String },
+    /// Back to pending at once without spending the attempt: the worker is shutting down
+    /// (`halted = false`) or has paused claiming because every job would fail (`halted = true`).
+    Released { error: String, halted: bool },
+}
+
+impl Finish {
+    fn state(&self) -> &'static str {
+        match self {
+            Finish::Succeeded { .. } => "succeeded",
+            Finish::Failed { .. } => "failed",
+            Finish::Retry { .. } | Finish::Released { .. } => "pending",
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            Finish::Succeeded { .. } => "succeeded",
+            Finish::Failed { .. } => "failed",
+            Finish::Retry { .. } => "retry",
+            Finish::Released { halted: true, .. } => "halted",
+            Finish::Released { halted: false, .. } => "released",
+        }
+    }
+
+    fn error(&self) -> Option<&str> {
+        match self {
+            Finish::Succeeded { .. } => None,
+            Finish::Retry { error, .. }
+            | Finish::Failed { error }
+            | Finish::Released { error, .. } => Some(error),
+        }
+    }
+}
+
+/// Everything one finishing write needs: which claim, how it ended, what it cost.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub job_id: i64,
+    pub lease: Lease,
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub finish: Finish,
+    pub record: AttemptRecord,
+}
+
+/// A job row as the status commands show it.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub prompt: String,
+    pub aspect_ratio: String,
+    pub model: String,
+    pub image_size: Option<String>,
+    pub batch: Option<String>,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: i32,
+    pub metadata: Option<serde_json::Value>,
+    pub state: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub image_urls: Vec<String>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: Decimal,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub lease_owner: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `imagegen.attempts`.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub worker_id: Uuid,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub http_status: Option<i32>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub image_tokens: i64,
+    pub cost_usd: Decimal,
+    pub generation_id: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+/// Counts and spend for one state (and batch, when grouped by batch).
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct StateCount {
+    pub batch: Option<String>,
+    pub state: String,
+    pub jobs: i64,
+    pub cost_usd: Decimal,
+}
+
+/// A worker process as it announced itself.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct WorkerRow {
+    pub id: Uuid,
+    pub hostname: String,
+    pub pid: i32,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub paused_until: Option<DateTime<Utc>>,
+    pub pause_reason: Option<String>,
+}
+
+/// Whether an enqueue made a new row or found one with the same idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: i64,
+    pub created: bool,
+}
+
+const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, priority, attempts, \
+                           max_attempts, metadata, lease_owner, started_at";
+
+/// The queue: a handle on the pool, with one method per state change.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pool: PgPool,
+}
+
+impl Queue {
+    pub fn new(pool: PgPool) -> Self {
+        Queue { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A listener subscribed to new-job notifications. Callers must subscribe *before* their
+    /// first claim, so a job inserted between the claim and the subscription is not missed.
+    pub async fn listen(&self) -> Result<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// Inserts one job. With an idempotency key that already exists, nothing is inserted and the
+    /// existing job's id is returned with `created: false`.
+    pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
+                 run_at, idempotency_key, max_attempts, metadata) \
+             VALUES ($1, COALESCE($2, '16:9'), COALESCE($3, 'google/gemini-2.5-flash-image'), $4, \
+                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&job.prompt)
+        .bind(&job.aspect_ratio)
+        .bind(&job.model)
+        .bind(&job.image_size)
+        .bind(&job.batch)
+        .bind(job.priority)
+        .bind(job.run_at)
+        .bind(&job.idempotency_key)
+        .bind(job.max_attempts)
+        .bind(&job.metadata)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(id) = inserted {
+            return Ok(Enqueued { id, created: true });
+        }
+        let id: i64 = sqlx::query_scalar("SELECT id FROM imagegen.jobs WHERE idempotency_key = $1")
+            .bind(&job.idempotency_key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Enqueued { id, created: false })
+    }
+
+    /// Inserts many jobs in one statement (one NOTIFY for all of them). Rows whose idempotency
+    /// key exists already are skipped. Returns the number of rows inserted.
+    pub async fn enqueue_many(&self, jobs: &[NewJob]) -> Result<u64> {
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let mut prompts = Vec::with_capacity(jobs.len());
+        let mut ratios = Vec::with_capacity(jobs.len());
+        let mut models = Vec::with_capacity(jobs.len());
+        let mut sizes = Vec::with_capacity(jobs.len());
+        let mut batches = Vec::with_capacity(jobs.len());
+        let mut priorities = Vec::with_capacity(jobs.len());
+        let mut keys = Vec::with_capacity(jobs.len());
+        let mut max_attempts = Vec::with_capacity(jobs.len());
+        let mut metadata = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            prompts.push(j.prompt.clone());
+            ratios.push(j.aspect_ratio.clone());
+            models.push(j.model.clone());
+            sizes.push(j.image_size.clone());
+            batches.push(j.batch.clone());
+            priorities.push(j.priority);
+            keys.push(j.idempotency_key.clone());
+            max_attempts.push(j.max_attempts);
+            metadata.push(j.metadata.clone());
+        }
+        let done = sqlx::query(
+            "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
+                 idempotency_key, max_attempts, metadata) \
+             SELECT p, COALESCE(r, '16:9'), COALESCE(m, 'google/gemini-2.5-flash-image'), s, b, \
+                 COALESCE(pr, 0), k, COALESCE(ma, 3), md \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], \
+                 $7::text[], $8::int[], $9::jsonb[]) AS t(p, r, m, s, b, pr, k, ma, md) \
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&prompts)
+        .bind(&ratios)
+        .bind(&models)
+        .bind(&sizes)
+        .bind(&batches)
+        .bind(&priorities)
+        .bind(&keys)
+        .bind(&max_attempts)
+        .bind(&metadata)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Claims up to `limit` runnable jobs for `worker`, highest priority first, then oldest
+    /// `run_at`, then id, in one statement. `SKIP LOCKED` lets any number of workers claim at once
+    /// without waiting on each other; a claim bumps `attempts` and sets the lease. Jobs in
+    /// `skip_batches` (paused for budget) are left alone.
+    pub async fn claim(
+        &self,
+        worker: Uuid,
+        limit: i64,
+        lease: Duration,
+        skip_batches: &[String],
+    ) -> Result<Vec<Job>> {
+        let limit = limit.clamp(0, MAX_CLAIM_BATCH);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "WITH picked AS ( \
+                 SELECT id FROM imagegen.jobs \
+                 WHERE state = 'pending' AND run_at <= now() \
+                   AND (cardinality($4::text[]) = 0 OR batch IS NULL OR NOT batch = ANY($4)) \
+                 ORDER BY priority DESC, run_at, id \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE imagegen.jobs j SET state = 'running', attempts = j.attempts + 1, \
+                 lease_owner = $1, lease_expires_at = now() + $3 * interval '1 millisecond', \
+                 started_at = now(), updated_at = now() \
+             FROM picked WHERE j.id = picked.id \
+             RETURNING {}",
+            JOB_COLUMNS
+                .split(", ")
+                .map(|c| format!("j.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut jobs: Vec<Job> = sqlx::query_as(&sql)
+            .bind(worker)
+            .bind(limit)
+            .bind(millis(lease))
+            .bind(skip_batches)
+            .fetch_all(&self.pool)
+            .await?;
+        // RETURNING gives no order; hand jobs out in the order the claim chose them.
+        jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
+        Ok(jobs)
+    }
+
+    /// Extends the leases `worker` holds on `held` jobs. Returns the ids whose lease was renewed;
+    /// a job missing from the answer was taken from this worker (its lease expired and another
+    /// worker rescued it) and must not be finished by it.
+    pub async fn renew(
+        &self,
+        worker: Uuid,
+        held: &[(i64, i32)],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        // No check on the expiry itself: as long as nobody rescued the job, this worker still
+        // holds it, even if a database outage let the lease run past its time.
+        let renewed = sqlx::query_scalar(
+            "UPDATE imagegen.jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+             FROM UNNEST($2::bigint[], $3::int[]) AS h(id, attempt) \
+             WHERE j.id = h.id AND j.attempts = h.attempt AND j.lease_owner = $1 \
+               AND j.state = 'running' \
+             RETURNING j.id",
+        )
+        .bind(worker)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(millis(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(renewed)
+    }
+
+    /// Writes the end of many attempts in one transaction, each fenced by its lease: a completion
+    /// whose lease is no longer held changes nothing. Returns, for each completion in order,
+    /// whether it was applied.
+    ///
+    /// On the job: state, attempts (given back for a release), last error, URLs, and tokens and
+    /// cost *added* to what earlier attempts billed. One `imagegen.attempts` row per applied
+    /// completion, and the `imagegen.images` rows of succeeded ones.
+    pub async fn complete(&self, completions: &[Completion]) -> Result<Vec<bool>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = completions.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        let mut outcomes = Vec::with_capacity(n);
+        let mut refunds = Vec::with_capacity(n);
+        let mut errors = Vec::with_capacity(n);
+        let mut urls = Vec::with_capacity(n);
+        let mut delays = Vec::with_capacity(n);
+        let mut started = Vec::with_capacity(n);
+        let mut durations = Vec::with_capacity(n);
+        let mut statuses = Vec::with_capacity(n);
+        let mut ptoks = Vec::with_capacity(n);
+        let mut ctoks = Vec::with_capacity(n);
+        let mut itoks = Vec::with_capacity(n);
+        let mut costs = Vec::with_capacity(n);
+        let mut gens = Vec::with_capacity(n);
+        for c in completions {
+            ids.push(c.job_id);
+            workers.push(c.lease.worker);
+            attempts.push(c.lease.attempt);
+            states.push(c.finish.state());
+            outcomes.push(c.finish.outcome());
+            refunds.push(i32::from(matches!(c.finish, Finish::Released { .. })));
+            errors.push(c.finish.error().map(truncate_error));
+            urls.push(match &c.finish {
+                Finish::Succeeded { image_urls, .. } => serde_json::json!(image_urls),
+                _ => serde_json::Value::Null,
+            });
+            delays.push(match &c.finish {
+                Finish::Retry { delay, .. } => millis(*delay),
+                _ => 0,
+            });
+            started.push(c.started_at);
+            durations.push(millis(c.duration));
+            statuses.push(c.record.http_status);
+            ptoks.push(c.record.prompt_tokens);
+            ctoks.push(c.record.completion_tokens);
+            itoks.push(c.record.image_tokens);
+            costs.push(c.record.cost_usd);
+            gens.push(c.record.generation_id.clone());
+        }
+        let mut tx = self.pool.begin().await?;
+        // One statement: the fenced update, and an attempts row for exactly the rows it changed.
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "WITH c AS ( \
+                 SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::int[], $4::text[], $5::text[], \
+                     $6::int[], $7::text[], $8::jsonb[], $9::bigint[], $10::timestamptz[], \
+                     $11::bigint[], $12::int[], $13::bigint[], $14::bigint[], $15::bigint[], \
+                     $16::numeric[], $17::text[]) \
+                 AS c(id, worker, attempt, state, outcome, refund, error, urls, delay_ms, started, \
+                     duration_ms, status, ptok, ctok, itok, cost, gen)), \
+             done AS ( \
+                 UPDATE imagegen.jobs j SET \
+                     state = c.state, \
+                     attempts = j.attempts - c.refund, \
+                     last_error = COALESCE(c.error, CASE WHEN c.state = 'succeeded' THEN NULL \
+                         ELSE j.last_error END), \
+                     image_urls = CASE WHEN c.state = 'succeeded' \
+                         THEN ARRAY(SELECT jsonb_array_elements_text(c.urls)) ELSE j.image_urls END, \
+                     prompt_tokens = j.prompt_tokens + c.ptok, \
+                     completion_tokens = j.completion_tokens + c.ctok, \
+                     cost_usd = j.cost_usd + c.cost, \
+                     run_at = CASE WHEN c.state = 'pending' \
+                         THEN now() + c.delay_ms * interval '1 millisecond' ELSE j.run_at END, \
+                     finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN now() END, \
+                     lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                 FROM c \
+                 WHERE j.id = c.id AND j.state = 'running' AND j.lease_owner = c.worker \
+                   AND j.attempts = c.attempt \
+                 RETURNING j.id), \
+             logged AS ( \
+                 INSERT INTO imagegen.attempts (job_id, attempt, worker_id, started_at, outcome, \
+                     error, http_status, prompt_tokens, completion_tokens, image_tokens, cost_usd, \
+                     generation_id, duration_ms) \
+                 SELECT c.id, c.attempt, c.worker, c.started, c.outcome, c.error, c.status, c.ptok, \
+                     c.ctok, c.itok, c.cost, c.gen, c.duration_ms \
+                 FROM c JOIN done ON done.id = c.id) \
+             SELECT id FROM done",
+        )
+        .bind(&ids)
+        .bind(&workers)
+        .bind(&attempts)
+        .bind(&states)
+        .bind(&outcomes)
+        .bind(&refunds)
+        .bind(&errors)
+        .bind(&urls)
+        .bind(&delays)
+        .bind(&started)
+        .bind(&durations)
+        .bind(&statuses)
+        .bind(&ptoks)
+        .bind(&ctoks)
+        .bind(&itoks)
+        .bind(&costs)
+        .bind(&gens)
+        .fetch_all(&mut *tx)
+        .await?;
+        insert_images(&mut tx, completions, &applied).await?;
+        tx.commit().await?;
+        Ok(completions
+            .iter()
+            .map(|c| applied.contains(&c.job_id))
+            .collect())
+    }
+
+    /// Returns jobs whose lease expired (their worker crashed, hung or lost the database for
+    /// longer than the lease) to pending, or to failed when that was their last attempt. The
+    /// attempt stays spent, so a job that kills its worker cannot loop forever. Any worker may
+    /// call this; `SKIP LOCKED` keeps two rescuers from fighting. Returns how many were rescued.
+    pub async fn rescue_expired(&self, limit: i64) -> Result<u64> {
+        let rescued: Vec<i64> = sqlx::query_scalar(
+            "WITH expired AS ( \
+                 SELECT id, lease_owner, started_at FROM imagegen.jobs \
+                 WHERE state = 'running' AND lease_expires_at < now() \
+                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED), \
+             done AS ( \
+                 UPDATE imagegen.jobs j SET \
+                     state = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'pending' END, \
+                     last_error = 'lease expired: the worker stopped renewing it during attempt ' \
+                         || j.attempts || ' (crashed, killed or cut off)', \
+                     finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END, \
+                     run_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                 FROM expired e WHERE j.id = e.id \
+                 RETURNING j.id, j.attempts, j.last_error), \
+             logged AS ( \
+                 INSERT INTO imagegen.attempts (job_id, attempt, worker_id, started_at, outcome, \
+                     error) \
+                 SELECT d.id, d.attempts, e.lease_owner, COALESCE(e.started_at, now()), \
+                     'lease_expired', d.last_error \
+                 FROM done d JOIN expired e ON e.id = d.id) \
+             SELECT id FROM done",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rescued.len() as u64)
+    }
+
+    /// Cancels a pending job. A running job cannot be cancelled: its call is already paid for.
+    pub async fn cancel(&self, id: i64) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE imagegen.jobs SET state = 'cancelled', finished_at = now(), updated_at = now() \
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        Err(self
+            .wrong_state(id, "only a pending job can be cancelled")
+            .await)
+    }
+
+    /// Cancels every pending job of a batch. Returns how many were cancelled.
+    pub async fn cancel_batch(&self, batch: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE imagegen.jobs SET state = 'cancelled', finished_at = now(), updated_at = now() \
+             WHERE batch = $1 AND state = 'pending'",
+        )
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Puts a failed or cancelled job back to pending with a fresh set of attempts, and wakes
+    /// the workers. Its billed tokens and cost stay: they were spent.
+    pub async fn retry(&self, id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE imagegen.jobs SET state = 'pending', attempts = 0, run_at = now(), \
+                 finished_at = NULL, updated_at = now() \
+             WHERE id = $1 AND state IN ('failed', 'cancelled')",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            drop(tx);
+            return Err(self
+                .wrong_state(id, "only a failed or cancelled job can be retried")
+                .await);
+        }
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Puts every failed job of a batch (or of all batches) back to pending. Returns how many.
+    pub async fn retry_failed(&self, batch: Option<&str>) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE imagegen.jobs SET state = 'pending', attempts = 0, run_at = now(), \
+                 finished_at = NULL, updated_at = now() \
+             WHERE state = 'failed' AND ($1::text IS NULL OR batch = $1)",
+        )
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    /// One job, whole.
+    pub async fn job(&self, id: i64) -> Result<JobRow> {
+        sqlx::query_as("SELECT * FROM imagegen.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(QueueError::NotFound(id))
+    }
+
+    /// The attempts of one job, oldest first.
+    pub async fn attempts(&self, id: i64) -> Result<Vec<AttemptRow>> {
+        Ok(sqlx::query_as(
+            "SELECT attempt, worker_id, started_at, finished_at, outcome, error, http_status, \
+                 prompt_tokens, completion_tokens, image_tokens, cost_usd, generation_id, \
+                 duration_ms \
+             FROM imagegen.attempts WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Job counts and spend per state; per batch and state when `by_batch`, limited to one batch
+    /// when `batch` is given.
+    pub async fn counts(&self, by_batch: bool, batch: Option<&str>) -> Result<Vec<StateCount>> {
+        Ok(sqlx::query_as(
+            "SELECT CASE WHEN $1 THEN batch END AS batch, state, count(*) AS jobs, \
+                 COALESCE(sum(cost_usd), 0) AS cost_usd \
+             FROM imagegen.jobs WHERE ($2::text IS NULL OR batch = $2) \
+             GROUP BY 1, 2 ORDER BY 1 NULLS FIRST, 2",
+        )
+        .bind(by_batch)
+        .bind(batch)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// True when nothing is left to do anywhere: no pending job is due and no job is running
+    /// (a job still leased by a dead worker counts as running: it will be rescued). Jobs
+    /// scheduled for later do not count.
+    pub async fn idle_everywhere(&self) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'pending' \
+                 AND run_at <= now()) \
+             AND NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// When the next pending job becomes due, if any: an idle worker sleeps until then rather
+    /// than a whole poll interval.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        Ok(
+            sqlx::query_scalar("SELECT min(run_at) FROM imagegen.jobs WHERE state = 'pending'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Announces a worker process.
+    pub async fn register_worker(&self, id: Uuid, hostname: &str, pid: u32) -> Result<()> {
+        sqlx::query("INSERT INTO imagegen.workers (id, hostname, pid) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(hostname)
+            .bind(i32::try_from(pid).unwrap_or(i32::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records that a worker is alive, and whether (and why) it has paused claiming.
+    pub async fn worker_heartbeat(
+        &self,
+        id: Uuid,
+        paused_until: Option<DateTime<Utc>>,
+        pause_reason: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE imagegen.workers SET heartbeat_at = now(), paused_until = $2, \
+                 pause_reason = $3 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(paused_until)
+        .bind(pause_reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that a worker stopped cleanly.
+    pub async fn worker_stopped(&self, id: Uuid) -> Result<()> {
+        sqlx::query(
+            "UPDATE imagegen.workers SET stopped_at = now(), paused_until = NULL, \
+                 pause_reason = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Workers that are running (not stopped, heartbeat within `fresh`).
+    pub async fn live_workers(&self, fresh: Duration) -> Result<Vec<WorkerRow>> {
+        Ok(sqlx::query_as(
+            "SELECT id, hostname, pid, started_at, heartbeat_at, paused_until, pause_reason \
+             FROM imagegen.workers \
+             WHERE stopped_at IS NULL AND heartbeat_at > now() - $1 * interval '1 millisecond' \
+             ORDER BY started_at",
+        )
+        .bind(millis(fresh))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn wrong_state(&self, id: i64, what: &'static str) -> QueueError {
+        match sqlx::query_scalar::<_, String>("SELECT state FROM imagegen.jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(Some(state)) => QueueError::WrongState { id, state, what },
+            Ok(None) => QueueError::NotFound(id),
+            Err(e) => QueueError::Database(e),
+        }
+    }
+}
+
+/// Inserts the image rows of the succeeded completions that were applied.
+async fn insert_images(
+    tx: &mut Transaction<'_, Postgres>,
+    completions: &[Completion],
+    applied: &[i64],
+) -> Result<()> {
+    let mut job_ids = Vec::new();
+    let mut idx = Vec::new();
+    let mut keys = Vec::new();
+    let mut urls = Vec::new();
+    let mut types = Vec::new();
+    let mut sizes = Vec::new();
+    let mut widths = Vec::new();
+    let mut heights = Vec::new();
+    let mut hashes = Vec::new();
+    for c in completions.iter().filter(|c| applied.contains(&c.job_id)) {
+        if let Finish::Succeeded { images, .. } = &c.finish {
+            for i in images {
+                job_ids.push(c.job_id);
+                idx.push(i.index);
+                keys.push(i.key.as_str());
+                urls.push(i.url.as_str());
+                types.push(i.content_type.as_str());
+                sizes.push(i.bytes);
+                widths.push(i.width);
+                heights.push(i.height);
+                hashes.push(i.sha256.as_str());
+            }
+        }
+    }
+    if job_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO imagegen.images (job_id, idx, key, url, content_type, bytes, width, height, \
+             sha256) \
+         SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::int[], $8::int[], $9::text[]) \
+         ON CONFLICT (job_id, idx) DO UPDATE SET key = EXCLUDED.key, url = EXCLUDED.url, \
+             content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes, \
+             width = EXCLUDED.width, height = EXCLUDED.height, sha256 = EXCLUDED.sha256",
+    )
+    .bind(&job_ids)
+    .bind(&idx)
+    .bind(&keys)
+    .bind(&urls)
+    .bind(&types)
+    .bind(&sizes)
+    .bind(&widths)
+    .bind(&heights)
+    .bind(&hashes)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The longest error text kept on a row: enough to say what happened, short enough to list.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
+fn truncate_error(e: &str) -> String {
+    if e.chars().count() <= MAX_ERROR_CHARS {
+        e.to_owned()
+    } else {
+        let mut s: String = e.chars().take(MAX_ERROR_CHARS).collect();
+        s.push('…');
+        s
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,1 +1,731 @@
-//! Slots, leases, heartbeats, pauses and shutdown around a pluggable job handler.
+//! The worker runtime: slots, leases, heartbeats, pauses and shutdown around a pluggable handler.
+//!
+//! One [`Worker`] is one process's claimer. It claims only as many jobs as it has free slots,
+//! runs each in its own task with no database connection held, renews the leases of everything in
+//! flight on one timer, rescues jobs whose lease expired anywhere, and writes completions in
+//! batches through one writer task. The handler decides nothing about the queue: it returns a
+//! success or a classified failure, and [`decide`] turns that into the job's next state.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::error::ErrorClass;
+use crate::queue::{AttemptRecord, Completion, Finish, ImageRow, Job, Queue, QueueError};
+use crate::retry::RetryPolicy;
+
+/// A finished attempt that produced its images.
+#[derive(Debug, Clone, Default)]
+pub struct Success {
+    pub image_urls: Vec<String>,
+    pub images: Vec<ImageRow>,
+    pub record: AttemptRecord,
+}
+
+/// A failed attempt, classified where the error was made.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub class: ErrorClass,
+    /// Short, specific, secret-free: it is stored on the row.
+    pub message: String,
+    /// What the attempt was billed, if anything.
+    pub record: AttemptRecord,
+}
+
+/// The job body. Implementations must be cancel-safe: on shutdown past the grace period the
+/// future is dropped and the job handed back.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send;
+}
+
+/// Settings of one worker process. Every field has a default fit for minute-long image calls.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs in flight at once.
+    pub concurrency: usize,
+    /// How often an idle worker claims even without a notification (the fallback for a lost
+    /// NOTIFY, e.g. during a reconnect).
+    pub poll_interval: Duration,
+    /// How long a claim holds a job without renewal. A crashed worker's jobs return after this.
+    pub lease: Duration,
+    /// How often leases are renewed; well under `lease` so one missed renewal is harmless.
+    pub renew_interval: Duration,
+    /// How often this worker looks for expired leases of any worker.
+    pub rescue_interval: Duration,
+    /// On shutdown, how long in-flight jobs may run before they are handed back.
+    pub grace: Duration,
+    /// After a halting failure (bad key, no credits), how long claiming pauses before one probe job.
+    pub halt_probe_interval: Duration,
+    /// Backoff for transient failures.
+    pub retry: RetryPolicy,
+    /// Exit once no job is due or running anywhere.
+    pub exit_when_idle: bool,
+    /// Only the batches named here are claimed when set (a demo or an overnight run of one batch).
+    pub skip_batches: Vec<String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 16,
+            poll_interval: Duration::from_secs(5),
+            lease: Duration::from_secs(60),
+            renew_interval: Duration::from_secs(20),
+            rescue_interval: Duration::from_secs(15),
+            grace: Duration::from_secs(30),
+            halt_probe_interval: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+            exit_when_idle: false,
+            skip_batches: Vec::new(),
+        }
+    }
+}
+
+/// What a worker is doing, published for tests, progress lines and the HTTP status page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Jobs in flight now.
+    pub in_flight: usize,
+    /// Claims that returned at least one job.
+    pub claims: u64,
+    /// Attempts whose completion was written.
+    pub completed: u64,
+    /// Waiting for work with free slots (nothing due).
+    pub idle: bool,
+    /// Why claiming is paused, if it is.
+    pub paused: Option<String>,
+}
+
+/// The longest the claimer backs off after database errors.
+const MAX_DB_BACKOFF: Duration = Duration::from_secs(30);
+/// The most completions written in one transaction.
+const MAX_COMPLETION_BATCH: usize = 512;
+/// The most expired leases returned by one rescue statement.
+const RESCUE_BATCH: i64 = 1000;
+
+/// Turns a handler's answer into how the attempt ends. Pure: the whole retry decision is here.
+pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy) -> Finish {
+    match result {
+        Ok(s) => Finish::Succeeded {
+            image_urls: s.image_urls.clone(),
+            images: s.images.clone(),
+        },
+        Err(f) => match f.class {
+            ErrorClass::Permanent => Finish::Failed {
+                error: f.message.clone(),
+            },
+            ErrorClass::Halt => Finish::Released {
+                error: f.message.clone(),
+                halted: true,
+            },
+            ErrorClass::Transient { after } => {
+                if job.attempts >= job.max_attempts {
+                    Finish::Failed {
+                        error: format!("{} (gave up after {} attempts)", f.message, job.attempts),
+                    }
+                } else {
+                    let failures = u32::try_from(job.attempts).unwrap_or(1);
+                    Finish::Retry {
+                        error: f.message.clone(),
+                        delay: policy.delay(failures, after),
+                    }
+                }
+            }
+        },
+    }
+}
+
+/// A job in flight, as the renewal timer and shutdown see it.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    attempt: i32,
+    started_at: DateTime<Utc>,
+    started: Instant,
+}
+
+type Ack = oneshot::Sender<Result<bool, QueueError>>;
+
+/// Why claiming is paused and until when.
+#[derive(Debug, Clone)]
+struct Pause {
+    until: Instant,
+    until_wall: DateTime<Utc>,
+    reason: String,
+    /// After a halt only one job is claimed until one ends without halting.
+    probe: bool,
+}
+
+struct Shared {
+    id: Uuid,
+    queue: Queue,
+    config: WorkerConfig,
+    in_flight: Mutex<HashMap<i64, InFlight>>,
+    pause: Mutex<Option<Pause>>,
+    status: watch::Sender<WorkerStatus>,
+}
+
+impl Shared {
+    fn held(&self) -> Vec<(i64, i32)> {
+        lock(&self.in_flight)
+            .iter()
+            .map(|(id, f)| (*id, f.attempt))
+            .collect()
+    }
+
+    fn pause_for(&self, d: Duration, reason: String, probe: bool) {
+        let mut pause = lock(&self.pause);
+        let until = Instant::now() + d;
+        if pause.as_ref().is_some_and(|p| p.until >= until) {
+            return;
+        }
+        let until_wall = Utc::now() + chrono::Duration::from_std(d).unwrap_or_default();
+        self.status
+            .send_modify(|s| s.paused = Some(format!("{reason} (until {until_wall})")));
+        *pause = Some(Pause {
+            until,
+            until_wall,
+            reason,
+            probe,
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind, still consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A worker process's claimer. Build it, then [`Worker::run`] it until the token is cancelled.
+pub struct Worker<H: Handler> {
+    shared: Arc<Shared>,
+    handler: Arc<H>,
+    status_rx: watch::Receiver<WorkerStatus>,
+}
+
+impl<H: Handler> Worker<H> {
+    pub fn new(queue: Queue, handler: H, config: WorkerConfig) -> Self {
+        let (status, status_rx) = watch::channel(WorkerStatus::default());
+        Worker {
+            shared: Arc::new(Shared {
+                id: Uuid::new_v4(),
+                queue,
+                config,
+                in_flight: Mutex::new(HashMap::new()),
+                pause: Mutex::new(None),
+                status,
+            }),
+            handler: Arc::new(handler),
+            status_rx,
+        }
+    }
+
+    /// This process's lease owner id.
+    pub fn id(&self) -> Uuid {
+        self.shared.id
+    }
+
+    /// A live view of what the worker is doing.
+    pub fn status(&self) -> watch::Receiver<WorkerStatus> {
+        self.status_rx.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled (or, with `exit_when_idle`, until nothing is left to
+    /// do), then stops claiming, lets in-flight jobs finish within the grace period, hands the
+    /// rest back without spending their attempt, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        let cfg = &shared.config;
+        let host = hostname();
+        shared
+            .queue
+            .register_worker(shared.id, &host, std::process::id())
+            .await?;
+        info!(worker = %shared.id, concurrency = cfg.concurrency, "worker started");
+
+        // Register interest in notifications before the first claim, so a job inserted in
+        // between is not missed: either the claim sees it or the notification arrives.
+        let mut listener = match shared.queue.listen().await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for new jobs; polling only until reconnected");
+                None
+            }
+        };
+
+        let background = CancellationToken::new();
+        let (done_tx, done_rx) = mpsc::channel::<(Completion, Ack)>(MAX_COMPLETION_BATCH * 2);
+        let writer = tokio::spawn(completion_writer(shared.clone(), done_rx));
+        let renewer = tokio::spawn(renew_loop(shared.clone(), background.clone()));
+        let rescuer = tokio::spawn(rescue_loop(shared.clone(), background.clone()));
+
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut db_failures: u32 = 0;
+
+        'claiming: loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // Paused (halt or provider cool-down)?
+            let pause = lock(&shared.pause).clone();
+            let mut limit = cfg.concurrency.saturating_sub(tasks.len());
+            if let Some(p) = &pause {
+                if p.until > Instant::now() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'claiming,
+                        _ = tokio::time::sleep_until(p.until.into()) => {}
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    }
+                    continue;
+                }
+                if p.probe {
+                    // One probe job at a time until one ends without halting again.
+                    limit = limit.min(1).min(usize::from(tasks.is_empty()));
+                } else {
+                    *lock(&shared.pause) = None;
+                    shared.status.send_modify(|s| s.paused = None);
+                    info!("cool-down over; claiming again");
+                }
+            }
+            if limit == 0 {
+                // All slots busy: wait for one to free up.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'claiming,
+                    Some(_) = tasks.join_next() => {}
+                }
+                continue;
+            }
+
+            let claimed = match shared
+                .queue
+                .claim(
+                    shared.id,
+                    i64::try_from(limit).unwrap_or(i64::MAX),
+                    cfg.lease,
+                    &cfg.skip_batches,
+                )
+                .await
+            {
+                Ok(jobs) => {
+                    if db_failures > 0 {
+                        info!("database reachable again");
+                    }
+                    db_failures = 0;
+                    jobs
+                }
+                Err(e) => {
+                    db_failures += 1;
+                    let delay = db_backoff(db_failures);
+                    warn!(error = %e, retry_in = ?delay, "claim failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'claiming,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
+            let got = claimed.len();
+            if got > 0 {
+                shared.status.send_modify(|s| {
+                    s.claims += 1;
+                    s.idle = false;
+                });
+            }
+            for job in claimed {
+                self.spawn_job(&mut tasks, job, done_tx.clone());
+            }
+            shared.status.send_modify(|s| s.in_flight = tasks.len());
+            if got == limit {
+                continue; // Maybe more is due: claim again while slots are free.
+            }
+
+            // Nothing more due now. Exit if asked and nothing is left anywhere.
+            if cfg.exit_when_idle && tasks.is_empty() {
+                match shared.queue.idle_everywhere().await {
+                    Ok(true) => break 'claiming,
+                    Ok(false) => {}
+                    Err(e) => warn!(error = %e, "idle check failed"),
+                }
+            }
+            let wait = match shared.queue.next_due().await {
+                Ok(Some(due)) => (due - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(cfg.poll_interval),
+                _ => cfg.poll_interval,
+            };
+            if wait.is_zero() && got > 0 {
+                continue;
+            }
+            let wait = wait.max(Duration::from_millis(5));
+            if listener.is_none() {
+                listener = shared.queue.listen().await.ok();
+            }
+            shared.status.send_modify(|s| s.idle = tasks.is_empty());
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'claiming,
+                _ = tokio::time::sleep(wait) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                ok = recv(&mut listener) => if !ok {
+                    // Rebuilt before the next wait; the poll covers what was missed meanwhile.
+                    listener = None;
+                },
+            }
+            shared.status.send_modify(|s| {
+                s.idle = false;
+                s.in_flight = tasks.len();
+            });
+        }
+
+        // Shutdown: stop claiming, let in-flight jobs finish within the grace period.
+        if !tasks.is_empty() {
+            info!(in_flight = tasks.len(), grace = ?cfg.grace, "stopping: waiting for in-flight jobs");
+            let deadline = tokio::time::sleep(cfg.grace);
+            tokio::pin!(deadline);
+            while !tasks.is_empty() {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    _ = tasks.join_next() => {}
+                }
+            }
+            if !tasks.is_empty() {
+                warn!(
+                    handed_back = tasks.len(),
+                    "grace period over: handing unfinished jobs back"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                release_unfinished(&shared, &done_tx).await;
+            }
+        }
+        drop(done_tx);
+        if let Err(e) = writer.await {
+            error!(error = %e, "completion writer panicked");
+        }
+        background.cancel();
+        let _ = renewer.await;
+        let _ = rescuer.await;
+        if let Err(e) = shared.queue.worker_stopped(shared.id).await {
+            warn!(error = %e, "could not record worker stop");
+        }
+        info!(worker = %shared.id, "worker stopped");
+        Ok(())
+    }
+
+    fn spawn_job(&self, tasks: &mut JoinSet<()>, job: Job, done: mpsc::Sender<(Completion, Ack)>) {
+        let shared = self.shared.clone();
+        let handler = self.handler.clone();
+        let started = Instant::now();
+        let started_at = job.started_at.unwrap_or_else(Utc::now);
+        lock(&shared.in_flight).insert(
+            job.id,
+            InFlight {
+                attempt: job.attempts,
+                started_at,
+                started,
+            },
+        );
+        let span = info_span!("job", job_id = job.id, batch = job.batch.as_deref().unwrap_or(""),
+            model = %job.model, attempt = job.attempts);
+        tasks.spawn(
+            async move {
+                let lease = job.lease();
+                let result = handler.handle(job.clone()).await;
+                let finish = decide(&job, &result, &shared.config.retry);
+                let record = match &result {
+                    Ok(s) => s.record.clone(),
+                    Err(f) => f.record.clone(),
+                };
+                match &result {
+                    Err(f) if f.class == ErrorClass::Halt => {
+                        error!(error = %f.message,
+                            "every job would fail like this: pausing claiming, job handed back");
+                        shared.pause_for(
+                            shared.config.halt_probe_interval,
+                            f.message.clone(),
+                            true,
+                        );
+                    }
+                    Err(f) => {
+                        if let ErrorClass::Transient { after: Some(d) } = f.class {
+                            // The provider asked everyone to slow down, not just this job.
+                            shared.pause_for(d, format!("provider asked to wait: {}", f.message), false);
+                        }
+                        probe_passed(&shared);
+                    }
+                    Ok(_) => probe_passed(&shared),
+                }
+                let completion = Completion {
+                    job_id: job.id,
+                    lease,
+                    started_at,
+                    duration: started.elapsed(),
+                    finish,
+                    record,
+                };
+                let summary = summary(&completion);
+                let (ack_tx, ack_rx) = oneshot::channel();
+                if done.send((completion, ack_tx)).await.is_err() {
+                    error!("completion writer gone; the lease will expire and the job be rescued");
+                    return;
+                }
+                match ack_rx.await {
+                    Ok(Ok(true)) => info!(
+                        outcome = summary.0,
+                        duration_ms = summary.1,
+                        cost_usd = %summary.2,
+                        "attempt finished"
+                    ),
+                    Ok(Ok(false)) => warn!(
+                        "lease lost before the result was written (another worker took the job over); result dropped"
+                    ),
+                    Ok(Err(e)) => error!(error = %e,
+                        "could not write the result; the lease will expire and the job be rescued"),
+                    Err(_) => error!("completion writer stopped before answering"),
+                }
+                lock(&shared.in_flight).remove(&job.id);
+                shared.status.send_modify(|s| s.completed += 1);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn summary(c: &Completion) -> (&'static str, u128, rust_decimal::Decimal) {
+    let outcome = match &c.finish {
+        Finish::Succeeded { .. } => "succeeded",
+        Finish::Retry { .. } => "retry",
+        Finish::Failed { .. } => "failed",
+        Finish::Released { .. } => "released",
+    };
+    (outcome, c.duration.as_millis(), c.record.cost_usd)
+}
+
+/// A job ended without halting: a pending probe passed, so claiming goes back to full speed.
+fn probe_passed(shared: &Shared) {
+    let mut pause = lock(&shared.pause);
+    if pause
+        .as_ref()
+        .is_some_and(|p| p.probe && p.until <= Instant::now())
+    {
+        *pause = None;
+        shared.status.send_modify(|s| s.paused = None);
+        info!("probe passed; claiming resumes");
+    }
+}
+
+async fn release_unfinished(shared: &Shared, done: &mpsc::Sender<(Completion, Ack)>) {
+    let unfinished: Vec<(i64, InFlight)> = lock(&shared.in_flight).drain().collect();
+    for (id, f) in unfinished {
+        let (ack, rx) = oneshot::channel();
+        let completion = Completion {
+            job_id: id,
+            lease: crate::queue::Lease {
+                worker: shared.id,
+                attempt: f.attempt,
+            },
+            started_at: f.started_at,
+            duration: f.started.elapsed(),
+            finish: Finish::Released {
+                error: "worker shut down before the attempt finished".into(),
+                halted: false,
+            },
+            record: AttemptRecord::default(),
+        };
+        if done.send((completion, ack)).await.is_ok() {
+            match rx.await {
+                Ok(Ok(true)) => debug!(job_id = id, "handed back"),
+                Ok(Ok(false)) => debug!(job_id = id, "already taken over"),
+                Ok(Err(e)) => {
+                    warn!(job_id = id, error = %e, "could not hand back; lease will expire")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Writes completions in batches: whatever has queued up while the last write ran goes into the
+/// next transaction, so load batches itself and a quiet worker writes at once. Database errors are
+/// retried with backoff: a result is only dropped if its lease is lost meanwhile.
+async fn completion_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Completion, Ack)>) {
+    let mut batch: Vec<(Completion, Ack)> = Vec::with_capacity(MAX_COMPLETION_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_COMPLETION_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let completions: Vec<Completion> = batch.iter().map(|(c, _)| c.clone()).collect();
+        let mut failures = 0;
+        let applied = loop {
+            match shared.queue.complete(&completions).await {
+                Ok(applied) => break Ok(applied),
+                Err(e) => {
+                    failures += 1;
+                    // Keep the leases alive meanwhile (the renewer does) and try again; after a
+                    // long outage, give up on this batch: the leases expire and the jobs are
+                    // rescued, so nothing is lost, only an attempt spent.
+                    if failures > 12 {
+                        break Err(e);
+                    }
+                    let delay = db_backoff(failures);
+                    warn!(error = %e, retry_in = ?delay, jobs = completions.len(),
+                        "writing results failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        match applied {
+            Ok(applied) => {
+                for ((_, ack), ok) in batch.drain(..).zip(applied) {
+                    let _ = ack.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, ack) in batch.drain(..) {
+                    let _ = ack.send(Err(QueueError::Database(sqlx::Error::Protocol(
+                        msg.clone(),
+                    ))));
+                }
+            }
+        }
+    }
+}
+
+/// Renews the leases of everything in flight, and the worker's heartbeat, on one timer.
+async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.renew_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let held = shared.held();
+        match shared
+            .queue
+            .renew(shared.id, &held, shared.config.lease)
+            .await
+        {
+            Ok(renewed) if renewed.len() < held.len() => {
+                let lost: Vec<i64> = held
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| !renewed.contains(id))
+                    .collect();
+                // Finished jobs race with this renewal; only leases still in flight are lost.
+                let still: Vec<i64> = {
+                    let in_flight = lock(&shared.in_flight);
+                    lost.into_iter()
+                        .filter(|id| in_flight.contains_key(id))
+                        .collect()
+                };
+                if !still.is_empty() {
+                    warn!(jobs = ?still, "leases lost: another worker took these jobs over");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "lease renewal failed; will retry"),
+        }
+        let pause = lock(&shared.pause).clone();
+        let (until, reason) = match &pause {
+            Some(p) if p.until > Instant::now() || p.probe => {
+                (Some(p.until_wall), Some(p.reason.as_str()))
+            }
+            _ => (None, None),
+        };
+        if let Err(e) = shared
+            .queue
+            .worker_heartbeat(shared.id, until, reason)
+            .await
+        {
+            debug!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+/// Returns expired leases of any worker to pending on a timer.
+async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.rescue_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.queue.rescue_expired(RESCUE_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => {
+                warn!(
+                    jobs = n,
+                    "rescued jobs whose worker stopped renewing their lease"
+                );
+                // Wake this worker's claimer through the same path as an insert.
+                let _ = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(crate::queue::NOTIFY_CHANNEL)
+                    .execute(shared.queue.pool())
+                    .await;
+            }
+            Err(e) => debug!(error = %e, "rescue failed; will retry"),
+        }
+    }
+}
+
+/// Waits for a notification. Returns true on one, false if the listener is absent or failed.
+async fn recv(listener: &mut Option<sqlx::postgres::PgListener>) -> bool {
+    match listener {
+        Some(l) => match l.recv().await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "notification listener failed; reconnecting");
+                false
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn db_backoff(failures: u32) -> Duration {
+    let policy = RetryPolicy {
+        base: Duration::from_millis(200),
+        cap: MAX_DB_BACKOFF,
+    };
+    // Never zero: a tight loop against a dead database helps nobody.
+    policy.delay(failures, None).max(Duration::from_millis(50))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// A handler made from a closure, for small handlers and tests.
+pub struct FnHandler<F>(pub F);
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Job) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Success, Failure>> + Send,
+{
+    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send {
+        (self.0)(job)
+    }
+}
