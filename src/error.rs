@@ -16,6 +16,9 @@ pub enum ErrorClass {
     /// Fails the same way for every job (bad key, no credits, missing bucket): the worker stops
     /// claiming for a while and hands the job back without spending an attempt.
     Halt,
+    /// Fails the same way for every job of this job's batch (its budget is spent): the worker
+    /// stops claiming that batch for a while and hands the job back without spending an attempt.
+    HaltBatch,
 }
 
 impl ErrorClass {
@@ -33,6 +36,7 @@ impl ErrorClass {
             ErrorClass::Transient { .. } => "transient",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Halt => "halt",
+            ErrorClass::HaltBatch => "halt_batch",
         }
     }
 }

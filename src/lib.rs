@@ -14,12 +14,16 @@
 //! - [`openrouter`]: the provider client and its local stand-in server.
 //! - [`image`]: data-URL decoding, format sniffing, dimensions.
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
+//! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
+//! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
 
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod image;
 pub mod openrouter;
+pub mod pipeline;
 pub mod queue;
 pub mod retry;
 pub mod storage;

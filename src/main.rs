@@ -6,8 +6,18 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
 use imagegen::db;
+use imagegen::openrouter::Client;
+use imagegen::pipeline::{Pipeline, PipelineConfig};
 use imagegen::queue::{NewJob, Queue};
+use imagegen::retry::RetryPolicy;
+use imagegen::storage::{Storage, StorageConfig};
+use imagegen::worker::{Worker, WorkerConfig};
+use rust_decimal::Decimal;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -79,6 +89,89 @@ enum Command {
         #[arg(long, conflicts_with = "id")]
         batch: Option<String>,
     },
+    /// Claim jobs and make images until stopped (SIGINT/SIGTERM drain gracefully).
+    Worker(Box<WorkerArgs>),
+    /// The whole pipeline against the local stand-in provider: a sample batch, live progress,
+    /// and a table of results.
+    Demo {
+        #[command(flatten)]
+        demo: imagegen::demo::DemoArgs,
+        #[command(flatten)]
+        storage: StorageConfig,
+    },
+    /// Check the database, the storage (write, read, delete a probe) and the provider settings.
+    Doctor {
+        #[command(flatten)]
+        storage: StorageConfig,
+        #[command(flatten)]
+        provider: imagegen::openrouter::Config,
+    },
+    /// Print a URL for each image of a job: presigned (private buckets) or public.
+    Url {
+        id: i64,
+        /// How long a presigned URL stays valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        #[command(flatten)]
+        storage: StorageConfig,
+    },
+    /// Spending limits per batch.
+    #[command(subcommand)]
+    Budget(BudgetCommand),
+    /// Run the local stand-in for OpenRouter (development and benchmarks only).
+    FakeOpenrouter(imagegen::openrouter::fake::FakeArgs),
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Set a batch's budget in USD: no call starts that could take its spend past it.
+    Set { batch: String, usd: Decimal },
+    /// Remove a batch's budget.
+    Clear { batch: String },
+    /// Every batch budget with its spend so far.
+    List,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Provider calls in flight at once.
+    #[arg(long, env = "IMAGEGEN_CONCURRENCY", default_value_t = 16)]
+    concurrency: usize,
+    /// Claim even without a notification this often (the fallback for missed notifications).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// How long a claim holds a job without renewal; a crashed worker's jobs return after this.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// On SIGINT/SIGTERM, how long in-flight calls may finish before they are handed back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    grace: Duration,
+    /// After a halting error (bad key, no credits, storage misconfigured), wait this long and
+    /// then try one job.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    halt_probe_interval: Duration,
+    /// Ceiling of the first retry's backoff (doubles per failure, full jitter).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    retry_base: Duration,
+    /// No retry waits longer than this.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    retry_cap: Duration,
+    /// Exit once no job is due or running (for cron-driven runs).
+    #[arg(long)]
+    exit_when_idle: bool,
+    /// Only claim jobs of this batch.
+    #[arg(long)]
+    batch: Option<String>,
+    /// At most this many provider calls start per minute.
+    #[arg(long, env = "IMAGEGEN_REQUESTS_PER_MINUTE")]
+    requests_per_minute: Option<NonZeroU32>,
+    /// No call starts that could take today's (UTC) spend past this many USD.
+    #[arg(long, env = "IMAGEGEN_DAILY_BUDGET_USD")]
+    daily_budget_usd: Option<Decimal>,
+    #[command(flatten)]
+    storage: StorageConfig,
+    #[command(flatten)]
+    provider: imagegen::openrouter::Config,
 }
 
 #[derive(Args)]
@@ -186,6 +279,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{n} failed job(s) pending again");
             }
         }
+        Command::Worker(a) => worker(g, *a).await?,
+        Command::Demo { demo, storage } => {
+            imagegen::demo::run(open_queue(g, 10).await?, &storage, demo).await?
+        }
+        Command::Doctor { storage, provider } => doctor(g, storage, provider).await?,
+        Command::Url {
+            id,
+            expires,
+            storage,
+        } => {
+            let q = open_queue(g, 2).await?;
+            let images = q.job_images(id).await?;
+            if images.is_empty() {
+                bail!("job {id} has no stored images");
+            }
+            let storage = Storage::open(&storage).await?;
+            for image in images {
+                println!("{}", storage.presign_get(&image.key, expires).await?);
+            }
+        }
+        Command::Budget(cmd) => {
+            let q = open_queue(g, 2).await?;
+            match cmd {
+                BudgetCommand::Set { batch, usd } => {
+                    q.set_batch_budget(&batch, Some(usd)).await.map_err(explain_constraint)?;
+                    println!("batch {batch:?}: budget ${usd}");
+                }
+                BudgetCommand::Clear { batch } => {
+                    q.set_batch_budget(&batch, None).await?;
+                    println!("batch {batch:?}: no budget");
+                }
+                BudgetCommand::List => {
+                    let mut t = Table::new();
+                    t.load_style(UTF8_FULL_CONDENSED);
+                    t.set_header(["batch", "budget (USD)", "spent (USD)"]);
+                    for b in q.batch_budgets().await? {
+                        t.add_row([b.batch, b.budget_usd.to_string(), b.spent_usd.round_dp(4).to_string()]);
+                    }
+                    println!("{t}");
+                }
+            }
+        }
+        Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -374,6 +510,116 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
             ]);
         }
         println!("{t}");
+    }
+    Ok(())
+}
+
+/// Cancelled on the first SIGINT or SIGTERM.
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown requested: no new claims, draining in-flight jobs");
+        t.cancel();
+    });
+    token
+}
+
+async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
+    let pool_size = u32::try_from(a.concurrency.clamp(4, 32)).unwrap_or(32);
+    let queue = open_queue(g, pool_size).await?;
+    if a.provider.base_url != imagegen::openrouter::DEFAULT_BASE_URL {
+        tracing::warn!(base_url = %a.provider.base_url, "provider is not OpenRouter itself");
+    }
+    let client = Client::new(a.provider).context("provider settings")?;
+    let storage = Storage::open(&a.storage).await?;
+    storage
+        .check()
+        .await
+        .with_context(|| format!("storage check failed for {}", storage.describe()))?;
+    tracing::info!(storage = %storage.describe(), "storage check passed");
+    let pipeline = Pipeline::new(
+        client,
+        storage,
+        queue.clone(),
+        PipelineConfig {
+            requests_per_minute: a.requests_per_minute,
+            daily_budget_usd: a.daily_budget_usd,
+        },
+    );
+    let config = WorkerConfig {
+        concurrency: a.concurrency.max(1),
+        poll_interval: a.poll_interval,
+        lease: a.lease,
+        renew_interval: a.lease / 3,
+        rescue_interval: (a.lease / 4).max(Duration::from_secs(1)),
+        grace: a.grace,
+        halt_probe_interval: a.halt_probe_interval,
+        retry: RetryPolicy {
+            base: a.retry_base,
+            cap: a.retry_cap,
+        },
+        exit_when_idle: a.exit_when_idle,
+        only_batch: a.batch,
+    };
+    Worker::new(queue, pipeline, config)
+        .run(shutdown_token())
+        .await?;
+    Ok(())
+}
+
+async fn doctor(
+    g: &Global,
+    storage: StorageConfig,
+    provider: imagegen::openrouter::Config,
+) -> anyhow::Result<()> {
+    let mut failed = false;
+    match open_queue(g, 2).await {
+        Ok(q) => {
+            let counts = q.counts(false, None).await?;
+            let jobs: i64 = counts.iter().map(|c| c.jobs).sum();
+            println!("ok    database {} (migrated, {jobs} jobs)", db::describe(&g.database_url));
+        }
+        Err(e) => {
+            failed = true;
+            println!("FAIL  database: {e:#}");
+        }
+    }
+    match Storage::open(&storage).await {
+        Ok(s) => match s.check().await {
+            Ok(()) => println!("ok    storage {} (probe written, read back, deleted)", s.describe()),
+            Err(e) => {
+                failed = true;
+                println!("FAIL  storage {}: {e}", s.describe());
+            }
+        },
+        Err(e) => {
+            failed = true;
+            println!("FAIL  storage: {e}");
+        }
+    }
+    let base = provider.base_url.clone();
+    match Client::new(provider) {
+        Ok(_) => println!("ok    provider {base} (key set; not called, calls cost money)"),
+        Err(e) => {
+            failed = true;
+            println!("FAIL  provider {base}: {e}");
+        }
+    }
+    if failed {
+        bail!("some checks failed");
     }
     Ok(())
 }

@@ -83,6 +83,8 @@ pub struct Job {
     pub lease_owner: Option<Uuid>,
     /// When this attempt was claimed.
     pub started_at: Option<DateTime<Utc>>,
+    /// An earlier attempt paid for images it could not store (see `imagegen.paid_images`).
+    pub has_paid_images: bool,
 }
 
 impl Job {
@@ -265,6 +267,30 @@ pub struct WorkerRow {
     pub pause_reason: Option<String>,
 }
 
+/// A batch's budget and what the batch was billed so far.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct BatchBudget {
+    pub batch: String,
+    pub budget_usd: Decimal,
+    pub spent_usd: Decimal,
+}
+
+/// Money committed: billed, plus calls in flight as `(model, image_size, count)`.
+#[derive(Debug, Clone, Default)]
+pub struct Commitment {
+    pub billed: Decimal,
+    pub running: Vec<(String, Option<String>, i64)>,
+}
+
+/// Which jobs a claim may take.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimFilter {
+    /// Only jobs of this batch.
+    pub only: Option<String>,
+    /// Never jobs of these batches (paused, e.g. their budget is spent).
+    pub skip: Vec<String>,
+}
+
 /// Whether an enqueue made a new row or found one with the same idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
@@ -381,14 +407,13 @@ impl Queue {
 
     /// Claims up to `limit` runnable jobs for `worker`, highest priority first, then oldest
     /// `run_at`, then id, in one statement. `SKIP LOCKED` lets any number of workers claim at once
-    /// without waiting on each other; a claim bumps `attempts` and sets the lease. Jobs in
-    /// `skip_batches` (paused for budget) are left alone.
+    /// without waiting on each other; a claim bumps `attempts` and sets the lease.
     pub async fn claim(
         &self,
         worker: Uuid,
         limit: i64,
         lease: Duration,
-        skip_batches: &[String],
+        filter: &ClaimFilter,
     ) -> Result<Vec<Job>> {
         let limit = limit.clamp(0, MAX_CLAIM_BATCH);
         if limit == 0 {
@@ -399,13 +424,15 @@ impl Queue {
                  SELECT id FROM imagegen.jobs \
                  WHERE state = 'pending' AND run_at <= now() \
                    AND (cardinality($4::text[]) = 0 OR batch IS NULL OR NOT batch = ANY($4)) \
+                   AND ($5::text IS NULL OR batch = $5) \
                  ORDER BY priority DESC, run_at, id \
                  LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE imagegen.jobs j SET state = 'running', attempts = j.attempts + 1, \
                  lease_owner = $1, lease_expires_at = now() + $3 * interval '1 millisecond', \
                  started_at = now(), updated_at = now() \
              FROM picked WHERE j.id = picked.id \
-             RETURNING {}",
+             RETURNING {}, EXISTS (SELECT 1 FROM imagegen.paid_images p WHERE p.job_id = j.id) \
+                 AS has_paid_images",
             JOB_COLUMNS
                 .split(", ")
                 .map(|c| format!("j.{c}"))
@@ -416,7 +443,8 @@ impl Queue {
             .bind(worker)
             .bind(limit)
             .bind(millis(lease))
-            .bind(skip_batches)
+            .bind(&filter.skip)
+            .bind(&filter.only)
             .fetch_all(&self.pool)
             .await?;
         // RETURNING gives no order; hand jobs out in the order the claim chose them.
@@ -697,6 +725,40 @@ impl Queue {
         .await?)
     }
 
+    /// The stored images of one job, in order.
+    pub async fn job_images(&self, id: i64) -> Result<Vec<ImageRow>> {
+        let rows: Vec<(i32, String, String, String, i64, i32, i32, String)> = sqlx::query_as(
+            "SELECT idx, key, url, content_type, bytes, width, height, sha256 \
+             FROM imagegen.images WHERE job_id = $1 ORDER BY idx",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(index, key, url, content_type, bytes, width, height, sha256)| ImageRow {
+                index,
+                key,
+                url,
+                content_type,
+                bytes,
+                width,
+                height,
+                sha256,
+            })
+            .collect())
+    }
+
+    /// The jobs of one batch, oldest first (for the demo's report and small batches).
+    pub async fn batch_jobs(&self, batch: &str) -> Result<Vec<JobRow>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM imagegen.jobs WHERE batch = $1 ORDER BY id")
+                .bind(batch)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Job counts and spend per state; per batch and state when `by_batch`, limited to one batch
     /// when `batch` is given.
     pub async fn counts(&self, by_batch: bool, batch: Option<&str>) -> Result<Vec<StateCount>> {
@@ -712,15 +774,17 @@ impl Queue {
         .await?)
     }
 
-    /// True when nothing is left to do anywhere: no pending job is due and no job is running
-    /// (a job still leased by a dead worker counts as running: it will be rescued). Jobs
-    /// scheduled for later do not count.
-    pub async fn idle_everywhere(&self) -> Result<bool> {
+    /// True when nothing is left to do anywhere (in `batch`, if given): no pending job is due
+    /// and no job is running (a job still leased by a dead worker counts as running: it will be
+    /// rescued). Jobs scheduled for later do not count.
+    pub async fn idle_everywhere(&self, batch: Option<&str>) -> Result<bool> {
         Ok(sqlx::query_scalar(
             "SELECT NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'pending' \
-                 AND run_at <= now()) \
-             AND NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'running')",
+                 AND run_at <= now() AND ($1::text IS NULL OR batch = $1)) \
+             AND NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'running' \
+                 AND ($1::text IS NULL OR batch = $1))",
         )
+        .bind(batch)
         .fetch_one(&self.pool)
         .await?)
     }
@@ -788,6 +852,132 @@ impl Queue {
         .bind(millis(fresh))
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    /// Keeps the decoded images of a paid generation whose upload failed, so a later attempt
+    /// stores them instead of paying the model again.
+    pub async fn stash_images(
+        &self,
+        job_id: i64,
+        images: &[Vec<u8>],
+        generation_id: Option<&str>,
+    ) -> Result<()> {
+        let idx: Vec<i32> = (0..images.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        sqlx::query(
+            "INSERT INTO imagegen.paid_images (job_id, idx, data, generation_id) \
+             SELECT $1, i, d, $4 FROM UNNEST($2::int[], $3::bytea[]) AS t(i, d) \
+             ON CONFLICT (job_id, idx) DO UPDATE SET data = EXCLUDED.data, \
+                 generation_id = EXCLUDED.generation_id, created_at = now()",
+        )
+        .bind(job_id)
+        .bind(&idx)
+        .bind(images)
+        .bind(generation_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The images a previous attempt of this job paid for but did not store, in order.
+    pub async fn stashed_images(&self, job_id: i64) -> Result<Vec<Vec<u8>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT data FROM imagegen.paid_images WHERE job_id = $1 ORDER BY idx",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Forgets the stashed images of a job once they are stored.
+    pub async fn drop_stash(&self, job_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM imagegen.paid_images WHERE job_id = $1")
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets (or with `None` removes) the budget of a batch.
+    pub async fn set_batch_budget(&self, batch: &str, budget_usd: Option<Decimal>) -> Result<()> {
+        match budget_usd {
+            Some(b) => {
+                sqlx::query(
+                    "INSERT INTO imagegen.batch_budgets (batch, budget_usd) VALUES ($1, $2) \
+                     ON CONFLICT (batch) DO UPDATE SET budget_usd = EXCLUDED.budget_usd, \
+                         updated_at = now()",
+                )
+                .bind(batch)
+                .bind(b)
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM imagegen.batch_budgets WHERE batch = $1")
+                    .bind(batch)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every batch budget with what its batch has been billed so far.
+    pub async fn batch_budgets(&self) -> Result<Vec<BatchBudget>> {
+        Ok(sqlx::query_as(
+            "SELECT b.batch, b.budget_usd, \
+                 COALESCE((SELECT sum(cost_usd) FROM imagegen.jobs j WHERE j.batch = b.batch), 0) \
+                     AS spent_usd \
+             FROM imagegen.batch_budgets b ORDER BY b.batch",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The budget of one batch, if it has one.
+    pub async fn batch_budget(&self, batch: &str) -> Result<Option<Decimal>> {
+        Ok(
+            sqlx::query_scalar("SELECT budget_usd FROM imagegen.batch_budgets WHERE batch = $1")
+                .bind(batch)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// What a batch has committed: billed so far, and the jobs running now (whose cost is not
+    /// known yet) by model and size, for the caller to price.
+    pub async fn batch_commitment(&self, batch: &str) -> Result<Commitment> {
+        let billed: Decimal = sqlx::query_scalar(
+            "SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.jobs WHERE batch = $1",
+        )
+        .bind(batch)
+        .fetch_one(&self.pool)
+        .await?;
+        let running = sqlx::query_as(
+            "SELECT model, image_size, count(*) FROM imagegen.jobs \
+             WHERE state = 'running' AND batch = $1 GROUP BY 1, 2",
+        )
+        .bind(batch)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Commitment { billed, running })
+    }
+
+    /// What the whole installation has committed today (UTC): every attempt billed since
+    /// midnight, and the jobs running now by model and size.
+    pub async fn daily_commitment(&self) -> Result<Commitment> {
+        let billed: Decimal = sqlx::query_scalar(
+            "SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.attempts \
+             WHERE finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let running = sqlx::query_as(
+            "SELECT model, image_size, count(*) FROM imagegen.jobs WHERE state = 'running' \
+             GROUP BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Commitment { billed, running })
     }
 
     async fn wrong_state(&self, id: i64, what: &'static str) -> QueueError {

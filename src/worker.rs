@@ -19,7 +19,9 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::error::ErrorClass;
-use crate::queue::{AttemptRecord, Completion, Finish, ImageRow, Job, Queue, QueueError};
+use crate::queue::{
+    AttemptRecord, ClaimFilter, Completion, Finish, ImageRow, Job, Queue, QueueError,
+};
 use crate::retry::RetryPolicy;
 
 /// A finished attempt that produced its images.
@@ -68,8 +70,8 @@ pub struct WorkerConfig {
     pub retry: RetryPolicy,
     /// Exit once no job is due or running anywhere.
     pub exit_when_idle: bool,
-    /// Only the batches named here are claimed when set (a demo or an overnight run of one batch).
-    pub skip_batches: Vec<String>,
+    /// Claim only jobs of this batch (an overnight run of one batch, the demo).
+    pub only_batch: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -84,7 +86,7 @@ impl Default for WorkerConfig {
             halt_probe_interval: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             exit_when_idle: false,
-            skip_batches: Vec::new(),
+            only_batch: None,
         }
     }
 }
@@ -122,7 +124,7 @@ pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy
             ErrorClass::Permanent => Finish::Failed {
                 error: f.message.clone(),
             },
-            ErrorClass::Halt => Finish::Released {
+            ErrorClass::Halt | ErrorClass::HaltBatch => Finish::Released {
                 error: f.message.clone(),
                 halted: true,
             },
@@ -169,6 +171,8 @@ struct Shared {
     config: WorkerConfig,
     in_flight: Mutex<HashMap<i64, InFlight>>,
     pause: Mutex<Option<Pause>>,
+    /// Batches not to claim until the given instant (their budget is spent).
+    paused_batches: Mutex<HashMap<String, Instant>>,
     status: watch::Sender<WorkerStatus>,
 }
 
@@ -178,6 +182,17 @@ impl Shared {
             .iter()
             .map(|(id, f)| (*id, f.attempt))
             .collect()
+    }
+
+    /// Which jobs the next claim may take: the configured batch, minus paused batches.
+    fn claim_filter(&self) -> ClaimFilter {
+        let now = Instant::now();
+        let mut paused = lock(&self.paused_batches);
+        paused.retain(|_, until| *until > now);
+        ClaimFilter {
+            only: self.config.only_batch.clone(),
+            skip: paused.keys().cloned().collect(),
+        }
     }
 
     fn pause_for(&self, d: Duration, reason: String, probe: bool) {
@@ -220,6 +235,7 @@ impl<H: Handler> Worker<H> {
                 config,
                 in_flight: Mutex::new(HashMap::new()),
                 pause: Mutex::new(None),
+                paused_batches: Mutex::new(HashMap::new()),
                 status,
             }),
             handler: Arc::new(handler),
@@ -309,7 +325,7 @@ impl<H: Handler> Worker<H> {
                     shared.id,
                     i64::try_from(limit).unwrap_or(i64::MAX),
                     cfg.lease,
-                    &cfg.skip_batches,
+                    &shared.claim_filter(),
                 )
                 .await
             {
@@ -348,7 +364,7 @@ impl<H: Handler> Worker<H> {
 
             // Nothing more due now. Exit if asked and nothing is left anywhere.
             if cfg.exit_when_idle && tasks.is_empty() {
-                match shared.queue.idle_everywhere().await {
+                match shared.queue.idle_everywhere(cfg.only_batch.as_deref()).await {
                     Ok(true) => break 'claiming,
                     Ok(false) => {}
                     Err(e) => warn!(error = %e, "idle check failed"),
@@ -452,6 +468,12 @@ impl<H: Handler> Worker<H> {
                             f.message.clone(),
                             true,
                         );
+                    }
+                    Err(f) if f.class == ErrorClass::HaltBatch => {
+                        let batch = job.batch.clone().unwrap_or_default();
+                        warn!(error = %f.message, "pausing this batch; job handed back");
+                        lock(&shared.paused_batches)
+                            .insert(batch, Instant::now() + shared.config.halt_probe_interval);
                     }
                     Err(f) => {
                         if let ErrorClass::Transient { after: Some(d) } = f.class {

@@ -31,7 +31,7 @@ pub fn fast_config(concurrency: usize) -> WorkerConfig {
             cap: Duration::from_millis(20),
         },
         exit_when_idle: true,
-        skip_batches: Vec::new(),
+        only_batch: None,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use imagegen::error::ErrorClass;
-use imagegen::queue::{AttemptRecord, Completion, Finish, NewJob, Queue};
+use imagegen::queue::{AttemptRecord, ClaimFilter, Completion, Finish, NewJob, Queue};
 use imagegen::retry::RetryPolicy;
 use imagegen::worker::{Failure, FnHandler, Success, Worker, decide};
 use rust_decimal::Decimal;
@@ -215,7 +215,7 @@ async fn raw_claims_from_many_connections_never_overlap(pool: PgPool) {
             let me = Uuid::new_v4();
             let mut mine = Vec::new();
             loop {
-                let jobs = q.claim(me, 37, Duration::from_secs(60), &[]).await.unwrap();
+                let jobs = q.claim(me, 37, Duration::from_secs(60), &ClaimFilter::default()).await.unwrap();
                 if jobs.is_empty() {
                     return mine;
                 }
@@ -245,7 +245,7 @@ async fn claims_follow_priority_then_run_at_then_id(pool: PgPool) {
     .unwrap();
     let q = Queue::new(pool);
     let jobs = q
-        .claim(Uuid::new_v4(), 10, Duration::from_secs(60), &[])
+        .claim(Uuid::new_v4(), 10, Duration::from_secs(60), &ClaimFilter::default())
         .await
         .unwrap();
     let prompts: Vec<&str> = jobs.iter().map(|j| j.prompt.as_str()).collect();
@@ -262,7 +262,7 @@ async fn expired_lease_is_taken_over_and_the_late_completion_refused(pool: PgPoo
     let q = Queue::new(pool.clone());
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let job_a = q
-        .claim(a, 1, Duration::from_secs(60), &[])
+        .claim(a, 1, Duration::from_secs(60), &ClaimFilter::default())
         .await
         .unwrap()
         .remove(0);
@@ -281,7 +281,7 @@ async fn expired_lease_is_taken_over_and_the_late_completion_refused(pool: PgPoo
     assert!(row.last_error.unwrap().contains("lease expired"));
 
     let job_b = q
-        .claim(b, 1, Duration::from_secs(60), &[])
+        .claim(b, 1, Duration::from_secs(60), &ClaimFilter::default())
         .await
         .unwrap()
         .remove(0);
@@ -354,7 +354,7 @@ async fn a_job_that_kills_its_worker_every_time_ends_failed(pool: PgPool) {
     let q = Queue::new(pool.clone());
     for _ in 0..2 {
         let claimed = q
-            .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &[])
+            .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
             .await
             .unwrap();
         assert_eq!(claimed.len(), 1);
@@ -365,7 +365,7 @@ async fn a_job_that_kills_its_worker_every_time_ends_failed(pool: PgPool) {
         assert_eq!(q.rescue_expired(10).await.unwrap(), 1);
     }
     assert!(
-        q.claim(Uuid::new_v4(), 1, Duration::from_secs(60), &[])
+        q.claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
             .await
             .unwrap()
             .is_empty()
@@ -382,7 +382,7 @@ async fn backoff_follows_the_policy_and_honours_a_requested_delay(pool: PgPool) 
         cap: Duration::from_secs(600),
     };
     let jobs = q
-        .claim(Uuid::new_v4(), 2, Duration::from_secs(60), &[])
+        .claim(Uuid::new_v4(), 2, Duration::from_secs(60), &ClaimFilter::default())
         .await
         .unwrap();
     let jittered = Err(failure(ErrorClass::RETRY, "HTTP 503"));
@@ -682,7 +682,7 @@ async fn cancel_and_retry(pool: PgPool) {
     q.cancel(ids[0]).await.unwrap();
     assert_eq!(q.job(ids[0]).await.unwrap().state, "cancelled");
     let running = q
-        .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &[])
+        .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
         .await
         .unwrap();
     assert_eq!(running[0].id, ids[1]);

@@ -1,0 +1,312 @@
+//! One job, end to end: budget check, provider call, decoded images, storage, and what to record.
+//! No loop (the worker runs it) and no SQL of its own (the stash and spend reads go through the
+//! queue).
+//!
+//! Money rule: once an image is paid for, it is never generated again.
+//! - If the upload fails, the decoded images are stashed in `imagegen.paid_images` before the
+//!   attempt ends; the next attempt stores them without calling the model.
+//! - If the final write fails after the upload, the images are already in storage under the job's
+//!   deterministic keys; the next attempt finds them there and records them.
+//! - Only a crash between the provider's answer and the stash (or the upload) loses a paid image;
+//!   that window is the length of one upload.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::error::{Classify, ErrorClass};
+use crate::image::{DecodedImage, ImageFormat};
+use crate::openrouter::{CallError, Client, Generation, ImageRequest, models};
+use crate::queue::{AttemptRecord, Commitment, ImageRow, Job, Queue};
+use crate::storage::{ObjectMeta, Storage, StorageError, object_key};
+use crate::worker::{Failure, Handler, Success};
+
+/// Pipeline settings that are not the provider's or the storage's.
+#[derive(Debug, Clone, Default)]
+pub struct PipelineConfig {
+    /// At most this many provider calls start per minute, across all jobs of this worker.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// No call starts that could take today's (UTC) spend of the whole installation past this.
+    pub daily_budget_usd: Option<Decimal>,
+}
+
+/// The job body: implements [`Handler`] for the worker.
+#[derive(Clone)]
+pub struct Pipeline {
+    client: Client,
+    storage: Storage,
+    queue: Queue,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    daily_budget: Option<Decimal>,
+}
+
+/// What a call is expected to cost before it is made, in USD: the image tokens at the model's
+/// price (shared/openrouter.md), rounded up. Budgets count in-flight calls at this price.
+pub fn expected_cost(model: &str, image_size: Option<&str>) -> Decimal {
+    if model == models::PRO_IMAGE {
+        match image_size {
+            Some("4K") => Decimal::new(25, 2),
+            _ => Decimal::new(14, 2),
+        }
+    } else {
+        Decimal::new(4, 2)
+    }
+}
+
+fn committed(c: &Commitment) -> Decimal {
+    c.running.iter().fold(c.billed, |sum, (model, size, n)| {
+        sum + expected_cost(model, size.as_deref()) * Decimal::from(*n)
+    })
+}
+
+impl Pipeline {
+    pub fn new(client: Client, storage: Storage, queue: Queue, config: PipelineConfig) -> Self {
+        let limiter = config
+            .requests_per_minute
+            .map(|rpm| Arc::new(RateLimiter::direct(Quota::per_minute(rpm))));
+        Pipeline {
+            client,
+            storage,
+            queue,
+            limiter,
+            daily_budget: config.daily_budget_usd,
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Refuses to start a call that could take a budget past its limit. The job itself is
+    /// running, so it is already among the in-flight calls counted.
+    async fn check_budgets(&self, job: &Job) -> Result<(), Failure> {
+        let db = |e: crate::queue::QueueError| Failure {
+            class: e.class(),
+            message: format!("budget check failed: {e}"),
+            record: AttemptRecord::default(),
+        };
+        if let Some(batch) = &job.batch
+            && let Some(budget) = self.queue.batch_budget(batch).await.map_err(db)?
+        {
+            let c = self.queue.batch_commitment(batch).await.map_err(db)?;
+            let total = committed(&c);
+            if total > budget {
+                return Err(Failure {
+                    class: ErrorClass::HaltBatch,
+                    message: format!(
+                        "batch {batch:?} paused: its budget is ${budget}, ${} billed and {} call(s) in flight",
+                        c.billed.round_dp(4),
+                        c.running.iter().map(|r| r.2).sum::<i64>()
+                    ),
+                    record: AttemptRecord::default(),
+                });
+            }
+        }
+        if let Some(budget) = self.daily_budget {
+            let c = self.queue.daily_commitment().await.map_err(db)?;
+            let total = committed(&c);
+            if total > budget {
+                return Err(Failure {
+                    class: ErrorClass::Halt,
+                    message: format!(
+                        "daily budget of ${budget} reached: ${} billed today (UTC) and {} call(s) in flight",
+                        c.billed.round_dp(4),
+                        c.running.iter().map(|r| r.2).sum::<i64>()
+                    ),
+                    record: AttemptRecord::default(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Images an earlier attempt of this job paid for: stashed after a failed upload, or already
+    /// uploaded before a failed final write (which always spends the attempt, so only later
+    /// attempts look in storage).
+    async fn paid_earlier(&self, job: &Job) -> Result<Option<Vec<DecodedImage>>, Failure> {
+        if job.has_paid_images {
+            let stashed = self.queue.stashed_images(job.id).await.map_err(|e| Failure {
+                class: e.class(),
+                message: format!("reading stashed images failed: {e}"),
+                record: AttemptRecord::default(),
+            })?;
+            let images = stashed
+                .into_iter()
+                .filter_map(|b| decoded(bytes::Bytes::from(b)))
+                .collect::<Vec<_>>();
+            if !images.is_empty() {
+                return Ok(Some(images));
+            }
+        }
+        if job.attempts <= 1 {
+            return Ok(None);
+        }
+        let probe = object_key(job.batch.as_deref(), job.id, 0, ImageFormat::Png);
+        let prefix = match probe.rfind('-') {
+            Some(i) => &probe[..=i],
+            None => return Ok(None),
+        };
+        let keys = self.storage.list(prefix).await.map_err(storage_failure)?;
+        let mut images = Vec::new();
+        for key in keys {
+            let bytes = self.storage.get(&key).await.map_err(storage_failure)?;
+            if let Some(img) = decoded(bytes) {
+                images.push(img);
+            }
+        }
+        Ok(Some(images).filter(|i| !i.is_empty()))
+    }
+
+    /// Uploads each image under the job's deterministic key, and describes what was stored.
+    async fn store(&self, job: &Job, images: &[DecodedImage]) -> Result<Success, StorageError> {
+        let meta = ObjectMeta {
+            job_id: job.id,
+            model: job.model.clone(),
+            batch: job.batch.clone(),
+        };
+        let mut success = Success::default();
+        for (index, image) in images.iter().enumerate() {
+            let key = object_key(job.batch.as_deref(), job.id, index, image.format);
+            let stored = self.storage.put(&key, image, &meta).await?;
+            success.image_urls.push(stored.url.clone());
+            success.images.push(ImageRow {
+                index: i32::try_from(index).unwrap_or(i32::MAX),
+                key: stored.key,
+                url: stored.url,
+                content_type: stored.content_type.to_owned(),
+                bytes: i64::try_from(stored.bytes).unwrap_or(i64::MAX),
+                width: i32::try_from(image.width).unwrap_or(i32::MAX),
+                height: i32::try_from(image.height).unwrap_or(i32::MAX),
+                sha256: hex::encode(Sha256::digest(&image.bytes)),
+            });
+        }
+        Ok(success)
+    }
+
+    async fn run(&self, job: Job) -> Result<Success, Failure> {
+        if let Some(images) = self.paid_earlier(&job).await?
+        {
+            info!(images = images.len(), "finishing from images an earlier attempt paid for");
+            let success = self.store(&job, &images).await.map_err(storage_failure)?;
+            self.forget_stash(job.id).await;
+            return Ok(success);
+        }
+        self.check_budgets(&job).await?;
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+        let request = ImageRequest {
+            model: job.model.clone(),
+            prompt: job.prompt.clone(),
+            aspect_ratio: job.aspect_ratio.clone(),
+            image_size: job.image_size.clone(),
+        };
+        let generation = self.client.generate(&request).await.map_err(call_failure)?;
+        let record = record_of(&generation);
+        match self.store(&job, &generation.images).await {
+            Ok(mut success) => {
+                success.record = record;
+                Ok(success)
+            }
+            Err(e) => {
+                self.stash(&job, &generation).await;
+                Err(Failure {
+                    class: e.class(),
+                    message: format!("image paid for but not stored (kept for the next attempt): {e}"),
+                    record,
+                })
+            }
+        }
+    }
+
+    /// Keeps paid images in the database after a failed upload. If even that fails, the images
+    /// are lost and the next attempt pays again: said loudly.
+    async fn stash(&self, job: &Job, generation: &Generation) {
+        let images: Vec<Vec<u8>> = generation.images.iter().map(|i| i.bytes.to_vec()).collect();
+        let mut failures = 0;
+        loop {
+            match self
+                .queue
+                .stash_images(job.id, &images, generation.generation_id.as_deref())
+                .await
+            {
+                Ok(()) => return,
+                Err(e) if failures < STASH_TRIES => {
+                    failures += 1;
+                    warn!(error = %e, "stashing paid images failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500) * failures).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, generation_id = generation.generation_id.as_deref().unwrap_or(""),
+                        "paid images could not be stored or stashed; the next attempt pays again");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn forget_stash(&self, job_id: i64) {
+        if let Err(e) = self.queue.drop_stash(job_id).await {
+            // Harmless: the stash is only read when a job is attempted again.
+            warn!(error = %e, "could not drop the stash of a stored job");
+        }
+    }
+}
+
+/// How often a stash write is tried before the paid images are given up.
+const STASH_TRIES: u32 = 5;
+
+impl Handler for Pipeline {
+    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send {
+        self.run(job)
+    }
+}
+
+fn decoded(bytes: bytes::Bytes) -> Option<DecodedImage> {
+    let (format, width, height) = crate::image::sniff(&bytes)?;
+    Some(DecodedImage {
+        bytes,
+        format,
+        width,
+        height,
+    })
+}
+
+fn record_of(g: &Generation) -> AttemptRecord {
+    AttemptRecord {
+        http_status: Some(i32::from(g.http_status)),
+        prompt_tokens: g.usage.prompt_tokens,
+        completion_tokens: g.usage.completion_tokens,
+        image_tokens: g.usage.image_tokens,
+        cost_usd: g.usage.cost_usd,
+        generation_id: g.generation_id.clone(),
+    }
+}
+
+fn call_failure(e: CallError) -> Failure {
+    let usage = e.usage.unwrap_or_default();
+    Failure {
+        class: e.class(),
+        message: e.to_string(),
+        record: AttemptRecord {
+            http_status: e.http_status.map(i32::from),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            image_tokens: usage.image_tokens,
+            cost_usd: usage.cost_usd,
+            generation_id: e.generation_id.clone(),
+        },
+    }
+}
+
+fn storage_failure(e: StorageError) -> Failure {
+    Failure {
+        class: e.class(),
+        message: e.to_string(),
+        record: AttemptRecord::default(),
+    }
+}
