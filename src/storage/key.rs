@@ -16,9 +16,9 @@
 use crate::image::ImageFormat;
 
 /// The longest sanitised batch prefix kept in a key, in bytes. Batch names are labels chosen by
-/// other applications; a bounded prefix keeps keys well under S3's 1024-byte limit and local path
-/// limits.
-pub const MAX_BATCH_LEN: usize = 128;
+/// other applications; a short bound keeps keys far from S3's 1024-byte limit and from servers
+/// that derive file names from whole keys (s3s-fs fails on keys of about 180 bytes).
+pub const MAX_BATCH_LEN: usize = 64;
 
 /// The longest key (relative to the storage root) any backend accepts, in bytes. S3 allows 1024
 /// for the full key; this leaves room for the bucket prefix.

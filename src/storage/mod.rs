@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::ArgAction;
-use clap::builder::BoolishValueParser;
 
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
@@ -74,7 +73,7 @@ pub struct StorageConfig {
         long = "s3-path-style",
         env = "IMAGEGEN_S3_PATH_STYLE",
         action = ArgAction::SetTrue,
-        value_parser = BoolishValueParser::new()
+        value_parser = parse_flag
     )]
     pub s3_path_style: bool,
 
@@ -130,6 +129,16 @@ impl StorageConfig {
             });
         }
         Ok(Some(raw.trim_end_matches('/').to_owned()))
+    }
+}
+
+/// Parses a boolean setting; an empty value (`IMAGEGEN_S3_PATH_STYLE=` in a compose file) is
+/// false rather than an error.
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "" | "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        other => Err(format!("{other:?} is neither true nor false")),
     }
 }
 
@@ -691,6 +700,20 @@ mod tests {
                 .with_path_style(true)
                 .with_public_base_url("https://cdn")
         );
+    }
+
+    #[test]
+    fn flags_parse_like_booleans() {
+        for (s, want) in [
+            ("true", true),
+            ("YES", true),
+            ("1", true),
+            ("", false),
+            ("off", false),
+        ] {
+            assert_eq!(parse_flag(s), Ok(want), "{s:?}");
+        }
+        assert!(parse_flag("ture").is_err());
     }
 
     #[test]
