@@ -44,6 +44,9 @@ pub use s3::S3Storage;
 /// nothing set up still sees images land.
 pub const DEFAULT_LOCATION: &str = "./images";
 
+/// [`StorageConfig::s3_timeout`]'s default (the CLI's `60s`).
+pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Where the startup probe writes its object, relative to the storage root. The leading dot keeps
 /// it out of the way of image keys, which never have one.
 pub const PROBE_DIR: &str = ".imagegen-probe";
@@ -85,6 +88,17 @@ pub struct StorageConfig {
         value_name = "URL"
     )]
     pub public_base_url: Option<String>,
+
+    /// How long one S3 request may take, body included, before it fails as transient (e.g.
+    /// `60s`, `2m`). The default allows a few MB over a slow link.
+    #[arg(
+        long = "s3-timeout",
+        env = "IMAGEGEN_S3_TIMEOUT",
+        default_value = "60s",
+        value_parser = humantime::parse_duration,
+        value_name = "DURATION"
+    )]
+    pub s3_timeout: Duration,
 }
 
 impl StorageConfig {
@@ -94,6 +108,7 @@ impl StorageConfig {
             location: location.into(),
             s3_path_style: false,
             public_base_url: None,
+            s3_timeout: DEFAULT_S3_TIMEOUT,
         }
     }
 
@@ -106,6 +121,12 @@ impl StorageConfig {
     /// The same settings with a public base URL.
     pub fn with_public_base_url(mut self, url: impl Into<String>) -> Self {
         self.public_base_url = Some(url.into());
+        self
+    }
+
+    /// The same settings with another S3 request timeout.
+    pub fn with_s3_timeout(mut self, timeout: Duration) -> Self {
+        self.s3_timeout = timeout;
         self
     }
 
@@ -275,6 +296,7 @@ impl Storage {
                 prefix,
                 cfg.s3_path_style,
                 cfg.public_base()?,
+                cfg.s3_timeout,
             )))),
         }
     }
@@ -407,6 +429,22 @@ impl Storage {
             Storage::Local(l) => Ok(l.file_url(key)),
             Storage::S3(s) => s.presign_get(key, expires).await,
         }
+    }
+
+    /// Presigns the object behind a URL this storage recorded on a row: what `imagegen url ID`
+    /// does for each of a job's URLs. Fails (permanent) for a URL that is not one of ours, such
+    /// as one recorded under another `IMAGEGEN_STORAGE` or public base URL.
+    pub async fn presign_recorded_url(
+        &self,
+        url: &str,
+        expires: Duration,
+    ) -> Result<String, StorageError> {
+        let key = self
+            .key_from_url(url)
+            .ok_or_else(|| StorageError::InvalidRequest {
+                reason: format!("{url} is not an object URL of {}", self.describe()),
+            })?;
+        self.presign_get(&key, expires).await
     }
 
     /// The URL recorded for `key` (see the module doc).
@@ -692,6 +730,8 @@ mod tests {
             "--s3-path-style",
             "--public-base-url",
             "https://cdn",
+            "--s3-timeout",
+            "60s",
         ])
         .unwrap();
         assert_eq!(

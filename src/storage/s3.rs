@@ -31,12 +31,6 @@ use super::{ObjectInfo, ObjectMeta, StorageError};
 /// milliseconds; a few seconds separates "down" from "slow".
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long one request may take, body included. Images are a few MB; this allows a slow link.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How long one operation may take across the SDK's own retries.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(150);
-
 /// Attempts per operation inside the SDK. Kept modest: the worker's retry policy retries
 /// transient storage errors itself, with backoff measured in seconds to minutes.
 pub const SDK_MAX_ATTEMPTS: u32 = 2;
@@ -152,13 +146,15 @@ impl fmt::Debug for S3Storage {
 
 impl S3Storage {
     /// Builds the client from an AWS configuration (normally `aws_config::defaults(..).load()`),
-    /// with this crate's timeouts, retries and checksum behaviour. Makes no request.
+    /// with this crate's timeouts, retries and checksum behaviour. `attempt_timeout` bounds one
+    /// request, body included ([`super::StorageConfig::s3_timeout`]). Makes no request.
     pub fn new(
         sdk: &SdkConfig,
         bucket: String,
         prefix: String,
         path_style: bool,
         public_base: Option<String>,
+        attempt_timeout: Duration,
     ) -> Self {
         let endpoint = resolve_endpoint(sdk);
         let region = sdk
@@ -173,8 +169,9 @@ impl S3Storage {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                    .operation_timeout(OPERATION_TIMEOUT)
+                    .operation_attempt_timeout(attempt_timeout)
+                    // Every attempt may use its full time, plus the backoff between them.
+                    .operation_timeout((attempt_timeout + SDK_MAX_BACKOFF) * SDK_MAX_ATTEMPTS)
                     .build(),
             )
             .retry_config(

@@ -219,6 +219,30 @@ async fn a_stopped_server_is_transient_and_named() {
     assert!(err.class().is_transient(), "{err:?}");
 }
 
+#[tokio::test]
+async fn a_server_that_never_answers_times_out_as_transient() {
+    // Accepts connections (and holds them open) but never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let cfg = StorageConfig::new(format!("s3://{}/p", S3.bucket))
+        .with_path_style(true)
+        .with_s3_timeout(Duration::from_millis(300));
+    let storage = open_s3_at(&endpoint, &cfg).await.unwrap();
+    let err = storage
+        .put("1-0.png", &small_png(1), &meta(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::Timeout { .. }), "{err:?}");
+    assert!(err.class().is_transient());
+    assert!(err.to_string().contains(&endpoint), "{err}");
+}
+
 /// A loopback TCP relay in front of the test server that refuses aws-chunked uploads the way
 /// Garage does, and records whether it saw one. Bytes pass through unchanged otherwise, so
 /// signatures (which cover the Host the client used, the relay's) still verify.

@@ -46,6 +46,15 @@ pub async fn a_2mb_png_round_trips_byte_identical_with_its_content_type(fx: Fixt
         fetch(&presigned).await == image.bytes,
         "presigned read differs"
     );
+    let from_row = fx
+        .storage
+        .presign_recorded_url(&stored.url, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        fetch(&from_row).await == image.bytes,
+        "presigned read differs"
+    );
 
     let full = fx.full_key(&key);
     match fx.kind {
@@ -196,6 +205,11 @@ pub async fn a_public_base_url_is_recorded_and_maps_back_to_the_key(fx: Fixture)
         storage.key_from_url("https://elsewhere.example/5-1.png"),
         None
     );
+    let err = storage
+        .presign_recorded_url("https://elsewhere.example/5-1.png", Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Permanent);
 }
 
 pub async fn a_missing_object_is_permanent_not_found(fx: Fixture) {
