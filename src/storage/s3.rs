@@ -19,7 +19,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_types::service_config::ServiceConfigKey;
@@ -274,7 +274,7 @@ impl S3Storage {
                 op: "GetObject (reading the body)",
                 bucket: self.bucket.clone(),
                 endpoint: self.endpoint_name(),
-                detail: DisplayErrorContext(&e).to_string(),
+                detail: error_chain(&e),
             })?;
         Ok(body.into_bytes())
     }
@@ -456,7 +456,7 @@ impl S3Storage {
     {
         let bucket = self.bucket.clone();
         let endpoint = self.endpoint_name();
-        let detail = || DisplayErrorContext(&err).to_string();
+        let detail = || error_chain(&err);
         if mentions_credentials(&err) {
             return StorageError::NoCredentials {
                 bucket,
@@ -591,6 +591,25 @@ where
         source = e.source();
     }
     false
+}
+
+/// An error and its sources as one line, `outer: inner: innermost`, skipping a source whose
+/// message the previous one already includes. Display text only: the SDK's Debug output is long
+/// and not meant for operators.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut last = out.clone();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let msg = e.to_string();
+        if !msg.is_empty() && !last.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        last = msg;
+        source = e.source();
+    }
+    out
 }
 
 /// The endpoint the SDK would use, resolved the way aws-sdk-s3 does it: an endpoint set in code,

@@ -76,6 +76,26 @@ async fn an_unknown_access_key_halts() {
 }
 
 #[tokio::test]
+async fn credentials_that_cannot_be_loaded_halt() {
+    // A real provider from the AWS chain, pointed at a profile that does not exist.
+    let provider = aws_config::profile::ProfileFileCredentialsProvider::builder()
+        .profile_name("imagegen-no-such-profile")
+        .build();
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&S3.endpoint)
+        .region(aws_config::Region::new(S3.region.clone()))
+        .credentials_provider(provider)
+        .load()
+        .await;
+    let cfg = StorageConfig::new(scratch_location()).with_path_style(S3.path_style);
+    let storage = Storage::open_with_sdk_config(&cfg, &sdk).await.unwrap();
+    let err = storage.check().await.unwrap_err();
+    assert!(matches!(err, StorageError::NoCredentials { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Halt);
+    assert_names_bucket_and_endpoint_but_no_secret(&err, &[S3.secret.expose_secret()]);
+}
+
+#[tokio::test]
 async fn the_startup_check_does_not_create_a_missing_bucket() {
     // s3s-fs, like some other servers, creates a bucket on upload; the check must not.
     let bucket = format!("imagegen-missing-{}", uuid::Uuid::new_v4().simple());
