@@ -743,6 +743,18 @@ mod tests {
     }
 
     #[test]
+    fn the_cli_default_timeout_is_the_constant() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "s3_timeout")
+            .unwrap();
+        let default = arg.get_default_values()[0].to_str().unwrap();
+        assert_eq!(humantime::parse_duration(default), Ok(DEFAULT_S3_TIMEOUT));
+    }
+
+    #[test]
     fn flags_parse_like_booleans() {
         for (s, want) in [
             ("true", true),
