@@ -29,8 +29,10 @@ pub mod faults;
 mod images;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -455,7 +457,10 @@ async fn chat_completions(
         Some(Fault::EchoKey) => {
             return openrouter_error(
                 400,
-                &format!("Malformed request (proxy saw header Authorization: {auth})"),
+                &format!(
+                    "Malformed request: the upstream proxy rejected the headers it received \
+                     (Content-Type: application/json, Accept: */*, Authorization: {auth})"
+                ),
                 None,
             );
         }
@@ -504,14 +509,7 @@ async fn chat_completions(
         height,
         tier: tier.to_owned(),
     };
-    match answer(&shared, &call, fault).await {
-        Ok(answer) => stream_answer(shared, call, answer),
-        Err(e) => openrouter_error(
-            500,
-            &format!("fake-openrouter: generating image: {e}"),
-            None,
-        ),
-    }
+    stream_answer(shared, call, fault)
 }
 
 /// The user message's text: a string, or the text parts of an array.
@@ -561,11 +559,9 @@ enum Ending {
     Reset,
 }
 
-/// A 200 answer: how long to pad, with what, then which parts, and what it bills.
+/// The body of a 200 answer after the padding, and what it bills.
 #[derive(Debug)]
 struct Answer {
-    latency: Duration,
-    pad: &'static [u8],
     parts: Vec<Bytes>,
     ending: Ending,
     billing: Option<Billing>,
@@ -659,8 +655,6 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
         ..Tokens::default()
     };
     let mut answer = Answer {
-        latency: config.latency,
-        pad: WHITESPACE_PAD,
         parts: Vec::new(),
         ending: Ending::Clean,
         billing: None,
@@ -736,8 +730,6 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
                 price,
             ));
         }
-        Some(Fault::Slow(latency)) => answer.latency = *latency,
-        Some(Fault::SseComments) => answer.pad = COMMENT_PAD,
         _ => {}
     }
 
@@ -868,18 +860,35 @@ fn halve(parts: &mut Vec<Bytes>) {
     *parts = kept;
 }
 
-/// Sends the 200 and headers now, then pads, then the answer.
-fn stream_answer(shared: Arc<Shared>, call: Call, answer: Answer) -> Response {
-    let now = Instant::now();
+/// Sends the 200 and headers now, then pads while the answer is prepared (the image fetched
+/// from the cache, generated on first use) and the latency runs out, then sends the answer.
+fn stream_answer(shared: Arc<Shared>, call: Call, fault: Option<Fault>) -> Response {
+    let latency = match &fault {
+        Some(Fault::Slow(latency)) => *latency,
+        _ => shared.config.latency,
+    };
+    let pad = match &fault {
+        Some(Fault::SseComments) => COMMENT_PAD,
+        _ => WHITESPACE_PAD,
+    };
+    let ready_at = Instant::now() + latency;
+    let id = call.id.clone();
+    let preparing = {
+        let shared = shared.clone();
+        async move {
+            let answer = answer(&shared, &call, fault).await;
+            tokio::time::sleep_until(ready_at).await;
+            answer
+        }
+    };
     let writer = Writer {
-        ready_at: now + answer.latency,
         pad_every: shared.config.pad_interval.max(Duration::from_millis(1)),
-        padding: true,
+        pad: Bytes::from_static(pad),
         first_pad: true,
-        pad: Bytes::from_static(answer.pad),
-        parts: answer.parts.into(),
-        ending: Some(answer.ending),
-        billing: answer.billing,
+        preparing: Some(Box::pin(preparing)),
+        parts: VecDeque::new(),
+        ending: None,
+        billing: None,
         shared,
     };
     let stream = futures::stream::unfold(writer, |mut w| async move {
@@ -892,20 +901,22 @@ fn stream_answer(shared: Arc<Shared>, call: Call, answer: Answer) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(id) = HeaderValue::from_str(&call.id) {
+    if let Ok(id) = HeaderValue::from_str(&id) {
         headers.insert("x-generation-id", id);
     }
     response
 }
 
+/// The answer being prepared; dropped (and with it any wait) if the client goes away.
+type Preparing = Pin<Box<dyn Future<Output = io::Result<Answer>> + Send>>;
+
 /// Writes one answer body, chunk by chunk, as the connection asks for it.
 struct Writer {
     shared: Arc<Shared>,
-    ready_at: Instant,
     pad_every: Duration,
-    padding: bool,
-    first_pad: bool,
     pad: Bytes,
+    first_pad: bool,
+    preparing: Option<Preparing>,
     parts: VecDeque<Bytes>,
     ending: Option<Ending>,
     billing: Option<Billing>,
@@ -913,24 +924,27 @@ struct Writer {
 
 impl Writer {
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
-        if self.padding {
-            if Instant::now() < self.ready_at {
-                // The first pad goes out at once, so the client holds a 200 from the start.
-                if std::mem::take(&mut self.first_pad) {
-                    return Some(Ok(self.pad.clone()));
+        // The first pad goes out at once, so the client holds a 200 from the start.
+        if std::mem::take(&mut self.first_pad) {
+            return Some(Ok(self.pad.clone()));
+        }
+        if let Some(preparing) = self.preparing.as_mut() {
+            tokio::select! {
+                answer = preparing => {
+                    self.preparing = None;
+                    let answer = match answer {
+                        Ok(answer) => answer,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    self.parts = answer.parts.into();
+                    self.ending = Some(answer.ending);
+                    self.billing = answer.billing;
                 }
-                let wake = (Instant::now() + self.pad_every).min(self.ready_at);
-                tokio::select! {
-                    () = tokio::time::sleep_until(wake) => {}
-                    () = self.shared.stopping.cancelled() => {
-                        return Some(Err(io::Error::other("fake-openrouter is stopping")));
-                    }
-                }
-                if Instant::now() < self.ready_at {
-                    return Some(Ok(self.pad.clone()));
+                () = tokio::time::sleep(self.pad_every) => return Some(Ok(self.pad.clone())),
+                () = self.shared.stopping.cancelled() => {
+                    return Some(Err(io::Error::other("fake-openrouter is stopping")));
                 }
             }
-            self.padding = false;
         }
         if let Some(part) = self.parts.pop_front() {
             if self.parts.is_empty()
