@@ -248,6 +248,8 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// How much of a non-JSON error body (a proxy's page) is looked at for the message.
+const NON_JSON_BODY_SHOWN: usize = 512;
 /// The header that may carry the generation id.
 const GENERATION_ID_HEADER: &str = "x-generation-id";
 /// Identifies this client in OpenRouter's logs.
@@ -708,7 +710,7 @@ fn http_error(
         None if body.is_empty() => "empty body".to_owned(),
         // Not OpenRouter's JSON: a proxy or load balancer answered. Its text is the clue.
         None => provider_text(
-            &String::from_utf8_lossy(&body[..body.len().min(512)]),
+            &String::from_utf8_lossy(&body[..body.len().min(NON_JSON_BODY_SHOWN)]),
             secret,
         ),
     };

@@ -14,10 +14,17 @@
 //!   tokens at 1K/2K and 2000 at 4K);
 //! - request checks: a missing or wrong key is a 401, an unknown model or a bad aspect ratio a
 //!   400, a request without "image" in `modalities` gets text only;
-//! - every failure of shared/openrouter.md on demand, from a marker in the prompt (see
-//!   [`faults`] for the syntax: `[fault:503x2]`, `[fault:429 retry-after=3]`, `[fault:cut]`...)
-//!   or injected for the next calls whatever the prompt ([`FakeServer::inject`],
-//!   [`FakeConfig::faults`], `--fault`).
+//! - every failure of shared/openrouter.md on demand, from a marker in the prompt or injected
+//!   for the next calls whatever the prompt ([`FakeServer::inject`], [`FakeConfig::faults`],
+//!   `--fault`).
+//!
+//! Markers (details in [`faults`] and on each [`Fault`]): `[fault:400]` ... `[fault:529]` (any
+//! 4xx or 5xx, with `retry-after=SECS` and `reset=SECS` options), `unavailable`, `echo-key`,
+//! `200-error`, `choice-error`, `safety`, `text-only`, `two-images`, `jpeg-as-png`,
+//! `not-an-image`, `cut`,
+//! `whitespace-eof`, `reset`, `slow=30s`, `oversize`, and the harmless quirks `content-null`,
+//! `content-text`, `content-array`, `sse-comments`. A marker applies to every call with that
+//! prompt; `xN` (`[fault:503x2]`) limits it to the first N, then the next marker or success.
 //!
 //! It counts what it got and what it billed ([`FakeServer::stats`]) so tests can check how many
 //! times a prompt was called and that recorded costs add up to what was billed. A call is
@@ -43,6 +50,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine as _;
+use base64::prelude::BASE64_STANDARD;
 use bytes::Bytes;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -78,12 +87,14 @@ const TEXT_ONLY_CONTENT: &str = "I can describe the image instead: a calm, wide 
                                  morning light, with muted colours and a clear horizon.";
 const WHITESPACE_PAD: &[u8] = b"\n";
 const COMMENT_PAD: &[u8] = b": OPENROUTER PROCESSING\n\n";
+/// The `not-an-image` fault's "image".
+const NOT_AN_IMAGE: &[u8] = b"<html><body>upstream error page</body></html>";
 /// The `oversize` fault's image payload is this block repeated (shared, never copied).
 static OVERSIZE_BLOCK: [u8; 64 * 1024] = [b'A'; 64 * 1024];
 
 /// How the stand-in behaves. [`FakeConfig::default`] listens on 127.0.0.1 port 0 with no
-/// latency, for tests.
-#[derive(Debug, Clone)]
+/// latency, for tests. `Debug` does not show the key.
+#[derive(Clone)]
 pub struct FakeConfig {
     /// Address to bind; port 0 picks a free one (see [`FakeServer::addr`]).
     pub listen: SocketAddr,
@@ -101,6 +112,20 @@ pub struct FakeConfig {
     pub faults: Vec<Step>,
 }
 
+impl std::fmt::Debug for FakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeConfig")
+            .field("listen", &self.listen)
+            .field("latency", &self.latency)
+            .field("pad_interval", &self.pad_interval)
+            .field("image_bytes", &self.image_bytes)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("oversize_bytes", &self.oversize_bytes)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
 impl Default for FakeConfig {
     fn default() -> Self {
         FakeConfig {
@@ -115,8 +140,8 @@ impl Default for FakeConfig {
     }
 }
 
-/// `imagegen fake-openrouter` flags.
-#[derive(Debug, Clone, clap::Args)]
+/// `imagegen fake-openrouter` flags. `Debug` does not show the key.
+#[derive(Clone, clap::Args)]
 pub struct FakeArgs {
     /// Address to listen on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -140,6 +165,12 @@ pub struct FakeArgs {
     /// `429x3 retry-after=2`); repeatable, applied in order.
     #[arg(long = "fault", value_parser = Step::parse)]
     pub faults: Vec<Step>,
+}
+
+impl std::fmt::Debug for FakeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&FakeConfig::from(self.clone()), f)
+    }
 }
 
 impl From<FakeArgs> for FakeConfig {
@@ -479,10 +510,16 @@ async fn chat_completions(
             400,
             "Provider returned error",
             Some(json!({
-                "raw": format!(
-                    "{{\"error\":{{\"code\":400,\"message\":\"* GenerateContentRequest.generation_config.image_config: \
-                     unsupported aspect_ratio {aspect_ratio:?} or image_size {image_size:?}\",\"status\":\"INVALID_ARGUMENT\"}}}}"
-                ),
+                "raw": json!({"error": {
+                    "code": 400,
+                    "message": format!(
+                        "* GenerateContentRequest.generation_config.image_config: unsupported \
+                         aspect_ratio {aspect_ratio} or image_size {}",
+                        image_size.unwrap_or("1K")
+                    ),
+                    "status": "INVALID_ARGUMENT"
+                }})
+                .to_string(),
                 "provider_name": "Google AI Studio"
             })),
         );
@@ -752,15 +789,19 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
     if fault == Some(Fault::TwoImages) {
         payloads.push(base.render(&format!("{}-preview", call.id)).b64);
     }
-    if fault == Some(Fault::Oversize) {
-        let blocks = config.oversize_bytes / OVERSIZE_BLOCK.len() as u64 + 1;
-        payloads.push(
-            (0..blocks)
-                .map(|_| Bytes::from_static(&OVERSIZE_BLOCK))
-                .collect(),
-        );
-    } else {
-        payloads.push(image.b64.clone());
+    match fault {
+        Some(Fault::Oversize) => {
+            let blocks = config.oversize_bytes / OVERSIZE_BLOCK.len() as u64 + 1;
+            payloads.push(
+                (0..blocks)
+                    .map(|_| Bytes::from_static(&OVERSIZE_BLOCK))
+                    .collect(),
+            );
+        }
+        Some(Fault::NotAnImage) => {
+            payloads.push(vec![Bytes::from(BASE64_STANDARD.encode(NOT_AN_IMAGE))]);
+        }
+        _ => payloads.push(image.b64.clone()),
     }
     let images: Vec<Value> = (0..payloads.len())
         .map(|i| {
@@ -799,7 +840,9 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
                 answer.ending = Ending::Reset;
             }
         }
-        Some(Fault::Oversize) => answer.billing = Some(Billing { cost, served: None }),
+        // The client stops at its cap and never sees the usage, so nothing is billed.
+        Some(Fault::Oversize) => {}
+        Some(Fault::NotAnImage) => answer.billing = Some(Billing { cost, served: None }),
         _ => {
             answer.billing = Some(Billing {
                 cost,
@@ -1052,6 +1095,48 @@ fn generation_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FakeArgs,
+    }
+
+    #[test]
+    fn cli_flags_parse_into_a_config_whose_debug_hides_the_key() {
+        let cli = Cli::try_parse_from([
+            "fake-openrouter",
+            "--listen",
+            "127.0.0.1:0",
+            "--latency",
+            "2s",
+            "--api-key",
+            "sk-dev-secret",
+            "--fault",
+            "402x5",
+            "--fault",
+            "429x1 retry-after=2",
+        ])
+        .unwrap();
+        let config = FakeConfig::from(cli.args.clone());
+        assert_eq!(config.latency, Duration::from_secs(2));
+        assert_eq!(config.image_bytes, DEFAULT_IMAGE_BYTES);
+        assert_eq!(config.faults.len(), 2);
+        assert_eq!(config.faults[0].calls, Some(5));
+        assert_eq!(
+            config.faults[1].fault,
+            Fault::Status {
+                code: 429,
+                retry_after: Some(2),
+                reset_in: None
+            }
+        );
+        for text in [format!("{config:?}"), format!("{:?}", cli.args)] {
+            assert!(!text.contains("sk-dev-secret"), "{text}");
+        }
+        assert!(Cli::try_parse_from(["x", "--fault", "nonsense"]).is_err());
+    }
 
     #[test]
     fn prices_match_openrouter_examples() {

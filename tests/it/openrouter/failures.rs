@@ -331,6 +331,25 @@ async fn whitespace_then_eof_is_retried() {
 }
 
 #[tokio::test]
+async fn an_image_that_is_not_an_image_is_retried_and_billed() {
+    let server = fake().await;
+    let err = fail(&server, "a lake [fault:not-an-image]").await;
+    assert_eq!(err.kind, CallErrorKind::BadImage);
+    assert_eq!(err.class(), ErrorClass::Transient { after: None });
+    assert_eq!(err.http_status, Some(200));
+    let usage = err.usage.expect("the answer carried its usage");
+    assert_eq!(usage.image_tokens, 1290);
+    assert_eq!(usage.cost_usd, server.billed_usd());
+    assert!(err.generation_id.is_some());
+    assert_eq!(
+        err.to_string(),
+        "openrouter: image 1 of the answer: image bytes are not PNG, JPEG, WebP or GIF (they \
+         start with 3c68746d6c3e3c62), labelled image/png"
+    );
+    assert_eq!(server.successes(), 0);
+}
+
+#[tokio::test]
 async fn a_body_cut_mid_json_is_retried() {
     let server = fake().await;
     let err = fail(&server, "a lake [fault:cut]").await;
