@@ -301,6 +301,10 @@ impl Client {
             .default_headers(headers)
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
+            // One connection per call in flight. Over HTTP/2 all calls would share a connection
+            // window, and answers waiting for a body permit would hold it and stall the answers
+            // being read; over HTTP/1.1 a waiting answer only stalls its own socket.
+            .http1_only()
             // A redirect would turn the POST into a GET; an answer of 3xx is reported instead.
             .redirect(reqwest::redirect::Policy::none())
             .build()

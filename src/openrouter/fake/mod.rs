@@ -21,10 +21,10 @@
 //! Markers (details in [`faults`] and on each [`Fault`]): `[fault:400]` ... `[fault:529]` (any
 //! 4xx or 5xx, with `retry-after=SECS` and `reset=SECS` options), `unavailable`, `echo-key`,
 //! `200-error`, `choice-error`, `safety`, `text-only`, `two-images`, `jpeg-as-png`,
-//! `not-an-image`, `cut`,
-//! `whitespace-eof`, `reset`, `slow=30s`, `oversize`, and the harmless quirks `content-null`,
-//! `content-text`, `content-array`, `sse-comments`. A marker applies to every call with that
-//! prompt; `xN` (`[fault:503x2]`) limits it to the first N, then the next marker or success.
+//! `not-an-image`, `cut`, `whitespace-eof`, `reset`, `slow=30s`, `oversize`, and the harmless
+//! quirks `content-null`, `content-text`, `content-array`, `sse-comments`. A marker applies to
+//! every call with that prompt; `xN` (`[fault:503x2]`) limits it to the first N, then the next
+//! marker or success.
 //!
 //! It counts what it got and what it billed ([`FakeServer::stats`]) so tests can check how many
 //! times a prompt was called and that recorded costs add up to what was billed. A call is
@@ -406,7 +406,7 @@ impl Shared {
     }
 }
 
-/// The stand-in's routes, for serving or for driving without a socket.
+/// The stand-in's routes: chat completions, and OpenRouter-shaped 404s for the rest.
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
