@@ -13,7 +13,7 @@ use imagegen::openrouter::models::FLASH_IMAGE;
 use imagegen::openrouter::{CallError, Client, Config, Generation, ImageRequest};
 
 /// The key the stand-in accepts, shaped like a real one so a leak would be recognisable.
-pub const KEY: &str = "sk-or-v1-0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab";
+pub const KEY: &str = "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";
 
 /// A stand-in that accepts only [`KEY`], with no latency.
 pub async fn fake() -> FakeServer {
@@ -72,4 +72,36 @@ pub async fn succeed(server: &FakeServer, prompt: &str) -> Generation {
 pub fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Set in a child process to the name of the one test it runs.
+const CHILD_ENV: &str = "IMAGEGEN_TEST_CHILD";
+
+/// Runs `body` in a process of its own: this test binary re-run on just `test` (its path as
+/// `module_path!()::name`). For tests that need process-wide state (a global log subscriber,
+/// peak memory), so they hold under `cargo test`, which runs tests as threads of one process,
+/// as well as under `cargo nextest`. Returns the child's stdout in the parent, `None` in the
+/// child.
+pub fn in_own_process(test: &str, body: impl FnOnce()) -> Option<String> {
+    let test = test.split_once("::").map_or(test, |(_crate, path)| path);
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        body();
+        return None;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{test} failed in its own process:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test:\n{stdout}"
+    );
+    Some(stdout)
 }

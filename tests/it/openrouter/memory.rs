@@ -9,19 +9,16 @@
 //! fragmentation ([`SLACK_BYTES`]): 77 MB. Measured: 41-52 MB. With the limit lifted to 20 the
 //! same burst measured 99-132 MB, so the test fails if the limit stops working.
 //!
-//! Peak RSS is process-wide, so the measurement runs in a child process of its own (this test
-//! binary re-run on just this test): the result holds under `cargo test` and `cargo nextest`.
+//! Peak RSS is process-wide, so the measurement runs in a process of its own
+//! ([`super::in_own_process`]): the result holds under `cargo test` and `cargo nextest`.
 
-use std::process::Command;
 use std::time::Duration;
 
 use imagegen::openrouter::fake::{FakeConfig, FakeServer};
 use imagegen::openrouter::{Client, Config};
 
-use super::{KEY, request};
+use super::{KEY, in_own_process, request};
 
-/// Set in the child process that measures.
-const CHILD_ENV: &str = "IMAGEGEN_OPENROUTER_MEMORY_CHILD";
 /// Answers arriving at once.
 const CALLS: usize = 20;
 /// A 3 MB PNG is a 4 MB answer once in base64.
@@ -33,36 +30,16 @@ const SLACK_BYTES: u64 = 32 * 1024 * 1024;
 
 #[test]
 fn twenty_concurrent_4mb_answers_stay_within_a_stated_bound() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        measure();
-        return;
-    }
-    let name = format!(
-        "{}::twenty_concurrent_4mb_answers_stay_within_a_stated_bound",
-        module_path!().split_once("::").unwrap().1
+    let test = concat!(
+        module_path!(),
+        "::twenty_concurrent_4mb_answers_stay_within_a_stated_bound"
     );
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            name.as_str(),
-            "--exact",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "child failed:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("1 passed"),
-        "the child ran no test:\n{stdout}"
-    );
-    // With one test thread libtest writes "test <name> ... " first, on the same line.
-    for line in stdout.lines() {
-        if let Some(at) = line.find("memory: ") {
-            println!("{}", &line[at..]);
+    if let Some(stdout) = in_own_process(test, measure) {
+        // With one test thread libtest writes "test <name> ... " first, on the same line.
+        for line in stdout.lines() {
+            if let Some(at) = line.find("memory: ") {
+                println!("{}", &line[at..]);
+            }
         }
     }
 }
