@@ -13,7 +13,7 @@ use crate::error::{Classify, ErrorClass};
 use crate::image::{self, DecodedImage};
 
 use super::error::{
-    CallError, CallErrorKind, class_for_code, code_meaning, retry_hint, short_text,
+    CallError, CallErrorKind, class_for_code, code_meaning, provider_text, retry_hint, short_text,
 };
 use super::models;
 use super::wire::{
@@ -95,8 +95,8 @@ pub struct Config {
 
     /// How many answers may be buffered and decoded at once. Calls still waiting for the model
     /// (receiving only padding) do not count; a call whose answer starts while the limit is
-    /// reached waits, under its deadline. Peak memory for answers is about this many times
-    /// (body + decoded image).
+    /// reached waits, under its deadline. Peak memory for answers is at most about this many
+    /// times (2 x body + decoded image): the buffer may be copied once as it grows.
     #[arg(long = "openrouter-max-concurrent-bodies", env = "OPENROUTER_MAX_CONCURRENT_BODIES",
           default_value_t = DEFAULT_MAX_CONCURRENT_BODIES)]
     pub max_concurrent_bodies: usize,
@@ -248,6 +248,8 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// How much of a non-JSON error body (a proxy's page) is looked at for the message.
+const NON_JSON_BODY_SHOWN: usize = 512;
 /// The header that may carry the generation id.
 const GENERATION_ID_HEADER: &str = "x-generation-id";
 /// Identifies this client in OpenRouter's logs.
@@ -299,6 +301,10 @@ impl Client {
             .default_headers(headers)
             .user_agent(USER_AGENT)
             .connect_timeout(config.connect_timeout)
+            // One connection per call in flight. Over HTTP/2 all calls would share a connection
+            // window, and answers waiting for a body permit would hold it and stall the answers
+            // being read; over HTTP/1.1 a waiting answer only stalls its own socket.
+            .http1_only()
             // A redirect would turn the POST into a GET; an answer of 3xx is reported instead.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -439,7 +445,7 @@ impl Client {
             Ok(Ok(read)) => read,
         };
         drop(response);
-        interpret(status, hint, header_id, &body)
+        interpret(status, hint, header_id, &body, inner.key.expose_secret())
     }
 }
 
@@ -558,7 +564,7 @@ async fn read_body<'g>(
 }
 
 /// Turns a read answer (padding removed) into a generation or a classified error. Pure: the
-/// whole verdict is made here.
+/// whole verdict is made here. `secret` is scrubbed from any provider text kept.
 #[expect(
     clippy::result_large_err,
     reason = "same error type as the public call; cold path"
@@ -568,9 +574,10 @@ pub(crate) fn interpret(
     hint: Option<Duration>,
     header_id: Option<String>,
     body: &[u8],
+    secret: &str,
 ) -> Result<Generation, CallError> {
     if !(200..300).contains(&status) {
-        return Err(http_error(status, hint, header_id, body));
+        return Err(http_error(status, hint, header_id, body, secret));
     }
     if body.is_empty() {
         return Err(CallError::new(
@@ -609,7 +616,7 @@ pub(crate) fn interpret(
             format!(
                 "openrouter: error in a 200 answer ({}): {}",
                 describe_code(code),
-                describe(err)
+                describe(err, secret)
             ),
         ));
     }
@@ -626,7 +633,7 @@ pub(crate) fn interpret(
         let detail = choice
             .error
             .as_ref()
-            .map_or_else(|| "no error details".to_owned(), describe);
+            .map_or_else(|| "no error details".to_owned(), |e| describe(e, secret));
         return Err(fail(
             CallErrorKind::ChoiceError,
             code.map_or(ErrorClass::RETRY, |c| class_for_code(c, hint)),
@@ -651,7 +658,7 @@ pub(crate) fn interpret(
         let text = message
             .and_then(|m| m.refusal.clone().filter(|r| !r.trim().is_empty()))
             .or_else(|| wire::content_text(message.and_then(|m| m.content.as_ref())))
-            .map(|t| format!(": {}", short_text(&t)))
+            .map(|t| format!(": {}", provider_text(&t, secret)))
             .unwrap_or_default();
         let reasons = finish_reasons(choice);
         return Err(if is_safety_block(choice) {
@@ -697,15 +704,19 @@ fn http_error(
     hint: Option<Duration>,
     header_id: Option<String>,
     body: &[u8],
+    secret: &str,
 ) -> CallError {
     let code = i64::from(status);
     let class = class_for_code(code, hint);
     let answer = serde_json::from_slice::<ChatResponse<'_>>(body).ok();
     let detail = match answer.as_ref().and_then(|a| a.error.as_ref()) {
-        Some(err) => describe(err),
+        Some(err) => describe(err, secret),
         None if body.is_empty() => "empty body".to_owned(),
         // Not OpenRouter's JSON: a proxy or load balancer answered. Its text is the clue.
-        None => short_text(&String::from_utf8_lossy(&body[..body.len().min(512)])),
+        None => provider_text(
+            &String::from_utf8_lossy(&body[..body.len().min(NON_JSON_BODY_SHOWN)]),
+            secret,
+        ),
     };
     let wait = match class {
         ErrorClass::Transient { after: Some(d) } => {
@@ -741,7 +752,7 @@ fn describe_code(code: Option<i64>) -> String {
 }
 
 /// An error object as one short line: message, the provider's raw text, moderation reasons.
-fn describe(err: &WireError) -> String {
+fn describe(err: &WireError, secret: &str) -> String {
     let mut parts = Vec::new();
     if let Some(message) = err.message.as_deref().filter(|m| !m.trim().is_empty()) {
         parts.push(message.to_owned());
@@ -761,7 +772,7 @@ fn describe(err: &WireError) -> String {
     if parts.is_empty() {
         return "no message".to_owned();
     }
-    short_text(&parts.join("; "))
+    provider_text(&parts.join("; "), secret)
 }
 
 fn finish_reasons(choice: &Choice<'_>) -> String {
@@ -873,7 +884,14 @@ mod tests {
 
     #[test]
     fn non_json_error_bodies_are_quoted_briefly() {
-        let err = interpret(502, None, None, b"<html><body>Bad gateway</body></html>").unwrap_err();
+        let err = interpret(
+            502,
+            None,
+            None,
+            b"<html><body>Bad gateway</body></html>",
+            "k",
+        )
+        .unwrap_err();
         assert_eq!(err.kind, CallErrorKind::HttpStatus);
         assert_eq!(err.class, ErrorClass::RETRY);
         assert_eq!(
@@ -886,7 +904,7 @@ mod tests {
     fn a_top_level_error_without_code_is_transient() {
         let body =
             br#"{"error":{"message":"No instances available","availability":{}},"user_id":"u"}"#;
-        let err = interpret(200, None, Some("gen-h".into()), body).unwrap_err();
+        let err = interpret(200, None, Some("gen-h".into()), body, "k").unwrap_err();
         assert_eq!(err.kind, CallErrorKind::ErrorInBody);
         assert_eq!(err.class, ErrorClass::RETRY);
         assert_eq!(err.code, None);

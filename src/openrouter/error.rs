@@ -121,7 +121,7 @@ impl CallError {
     /// client returns, so no path can forget it.
     pub(crate) fn redact(mut self, secret: &str) -> Self {
         if !secret.is_empty() && self.message.contains(secret) {
-            self.message = self.message.replace(secret, "[redacted]");
+            self.message = self.message.replace(secret, REDACTED);
         }
         self
     }
@@ -213,7 +213,21 @@ fn parse_reset(value: &str, now: SystemTime) -> Option<Duration> {
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// Provider text made fit for an error message: whitespace collapsed, at most
+/// What stands in for the key wherever it would have appeared.
+const REDACTED: &str = "[redacted]";
+
+/// Text from the answer (error messages, refusals, a proxy's page) made fit for an error
+/// message: the key removed *before* truncating, since a cut could leave part of it behind
+/// where [`CallError::redact`] no longer recognises it.
+pub(crate) fn provider_text(text: &str, secret: &str) -> String {
+    if !secret.is_empty() && text.contains(secret) {
+        short_text(&text.replace(secret, REDACTED))
+    } else {
+        short_text(text)
+    }
+}
+
+/// Text made fit for an error message: whitespace collapsed, at most
 /// [`PROVIDER_TEXT_MAX_CHARS`] characters.
 pub(crate) fn short_text(text: &str) -> String {
     let mut out = String::new();
@@ -311,6 +325,15 @@ mod tests {
         let short = short_text(&long);
         assert_eq!(short.chars().count(), PROVIDER_TEXT_MAX_CHARS);
         assert!(short.ends_with('…'));
+    }
+
+    #[test]
+    fn provider_text_loses_the_secret_before_it_is_cut() {
+        let secret = "sk-0123456789abcdefghij";
+        let text = format!("{}{secret} tail", "x".repeat(PROVIDER_TEXT_MAX_CHARS - 10));
+        let short = provider_text(&text, secret);
+        assert!(!short.contains("sk-0123"), "{short}");
+        assert!(short.chars().count() <= PROVIDER_TEXT_MAX_CHARS);
     }
 
     #[test]

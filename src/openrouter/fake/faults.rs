@@ -46,6 +46,9 @@ pub enum Fault {
     TwoImages,
     /// A 200 whose image is JPEG bytes labelled `data:image/png`. Marker: `jpeg-as-png`.
     JpegAsPng,
+    /// A 200 whose image is not an image (an HTML page, base64-encoded, labelled PNG); billed.
+    /// Marker: `not-an-image`.
+    NotAnImage,
     /// A 200 whose JSON stops halfway (inside the image), then a clean end of body. Marker: `cut`.
     Cut,
     /// A 200, padding, then the end of the body with no JSON at all. Marker: `whitespace-eof`.
@@ -55,7 +58,8 @@ pub enum Fault {
     /// Works this long (padding meanwhile) instead of the configured latency, then answers.
     /// Marker: `slow=30s`.
     Slow(Duration),
-    /// A 200 whose body is larger than [`super::FakeConfig::oversize_bytes`]. Marker: `oversize`.
+    /// A 200 whose body is larger than [`super::FakeConfig::oversize_bytes`]; not billed.
+    /// Marker: `oversize`.
     Oversize,
     /// Harmless quirks of real answers: `content` null, chatty text, or an array of parts; SSE
     /// comment lines as padding. Markers: `content-null`, `content-text`, `content-array`,
@@ -154,6 +158,7 @@ fn parse_spec(spec: &str) -> Result<Step, String> {
         "text-only" => Fault::TextOnly,
         "two-images" => Fault::TwoImages,
         "jpeg-as-png" => Fault::JpegAsPng,
+        "not-an-image" => Fault::NotAnImage,
         "cut" => Fault::Cut,
         "whitespace-eof" => Fault::WhitespaceEof,
         "reset" => Fault::Reset,

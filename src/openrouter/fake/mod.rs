@@ -14,10 +14,17 @@
 //!   tokens at 1K/2K and 2000 at 4K);
 //! - request checks: a missing or wrong key is a 401, an unknown model or a bad aspect ratio a
 //!   400, a request without "image" in `modalities` gets text only;
-//! - every failure of shared/openrouter.md on demand, from a marker in the prompt (see
-//!   [`faults`] for the syntax: `[fault:503x2]`, `[fault:429 retry-after=3]`, `[fault:cut]`...)
-//!   or injected for the next calls whatever the prompt ([`FakeServer::inject`],
-//!   [`FakeConfig::faults`], `--fault`).
+//! - every failure of shared/openrouter.md on demand, from a marker in the prompt or injected
+//!   for the next calls whatever the prompt ([`FakeServer::inject`], [`FakeConfig::faults`],
+//!   `--fault`).
+//!
+//! Markers (details in [`faults`] and on each [`Fault`]): `[fault:400]` ... `[fault:529]` (any
+//! 4xx or 5xx, with `retry-after=SECS` and `reset=SECS` options), `unavailable`, `echo-key`,
+//! `200-error`, `choice-error`, `safety`, `text-only`, `two-images`, `jpeg-as-png`,
+//! `not-an-image`, `cut`, `whitespace-eof`, `reset`, `slow=30s`, `oversize`, and the harmless
+//! quirks `content-null`, `content-text`, `content-array`, `sse-comments`. A marker applies to
+//! every call with that prompt; `xN` (`[fault:503x2]`) limits it to the first N, then the next
+//! marker or success.
 //!
 //! It counts what it got and what it billed ([`FakeServer::stats`]) so tests can check how many
 //! times a prompt was called and that recorded costs add up to what was billed. A call is
@@ -29,8 +36,10 @@ pub mod faults;
 mod images;
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +50,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine as _;
+use base64::prelude::BASE64_STANDARD;
 use bytes::Bytes;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -76,12 +87,14 @@ const TEXT_ONLY_CONTENT: &str = "I can describe the image instead: a calm, wide 
                                  morning light, with muted colours and a clear horizon.";
 const WHITESPACE_PAD: &[u8] = b"\n";
 const COMMENT_PAD: &[u8] = b": OPENROUTER PROCESSING\n\n";
+/// The `not-an-image` fault's "image".
+const NOT_AN_IMAGE: &[u8] = b"<html><body>upstream error page</body></html>";
 /// The `oversize` fault's image payload is this block repeated (shared, never copied).
 static OVERSIZE_BLOCK: [u8; 64 * 1024] = [b'A'; 64 * 1024];
 
 /// How the stand-in behaves. [`FakeConfig::default`] listens on 127.0.0.1 port 0 with no
-/// latency, for tests.
-#[derive(Debug, Clone)]
+/// latency, for tests. `Debug` does not show the key.
+#[derive(Clone)]
 pub struct FakeConfig {
     /// Address to bind; port 0 picks a free one (see [`FakeServer::addr`]).
     pub listen: SocketAddr,
@@ -99,6 +112,20 @@ pub struct FakeConfig {
     pub faults: Vec<Step>,
 }
 
+impl std::fmt::Debug for FakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeConfig")
+            .field("listen", &self.listen)
+            .field("latency", &self.latency)
+            .field("pad_interval", &self.pad_interval)
+            .field("image_bytes", &self.image_bytes)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("oversize_bytes", &self.oversize_bytes)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
 impl Default for FakeConfig {
     fn default() -> Self {
         FakeConfig {
@@ -113,8 +140,8 @@ impl Default for FakeConfig {
     }
 }
 
-/// `imagegen fake-openrouter` flags.
-#[derive(Debug, Clone, clap::Args)]
+/// `imagegen fake-openrouter` flags. `Debug` does not show the key.
+#[derive(Clone, clap::Args)]
 pub struct FakeArgs {
     /// Address to listen on.
     #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -138,6 +165,12 @@ pub struct FakeArgs {
     /// `429x3 retry-after=2`); repeatable, applied in order.
     #[arg(long = "fault", value_parser = Step::parse)]
     pub faults: Vec<Step>,
+}
+
+impl std::fmt::Debug for FakeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&FakeConfig::from(self.clone()), f)
+    }
 }
 
 impl From<FakeArgs> for FakeConfig {
@@ -373,7 +406,7 @@ impl Shared {
     }
 }
 
-/// The stand-in's routes, for serving or for driving without a socket.
+/// The stand-in's routes: chat completions, and OpenRouter-shaped 404s for the rest.
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
@@ -455,7 +488,10 @@ async fn chat_completions(
         Some(Fault::EchoKey) => {
             return openrouter_error(
                 400,
-                &format!("Malformed request (proxy saw header Authorization: {auth})"),
+                &format!(
+                    "Malformed request: the upstream proxy rejected the headers it received \
+                     (Content-Type: application/json, Accept: */*, Authorization: {auth})"
+                ),
                 None,
             );
         }
@@ -474,10 +510,16 @@ async fn chat_completions(
             400,
             "Provider returned error",
             Some(json!({
-                "raw": format!(
-                    "{{\"error\":{{\"code\":400,\"message\":\"* GenerateContentRequest.generation_config.image_config: \
-                     unsupported aspect_ratio {aspect_ratio:?} or image_size {image_size:?}\",\"status\":\"INVALID_ARGUMENT\"}}}}"
-                ),
+                "raw": json!({"error": {
+                    "code": 400,
+                    "message": format!(
+                        "* GenerateContentRequest.generation_config.image_config: unsupported \
+                         aspect_ratio {aspect_ratio} or image_size {}",
+                        image_size.unwrap_or("1K")
+                    ),
+                    "status": "INVALID_ARGUMENT"
+                }})
+                .to_string(),
                 "provider_name": "Google AI Studio"
             })),
         );
@@ -504,14 +546,7 @@ async fn chat_completions(
         height,
         tier: tier.to_owned(),
     };
-    match answer(&shared, &call, fault).await {
-        Ok(answer) => stream_answer(shared, call, answer),
-        Err(e) => openrouter_error(
-            500,
-            &format!("fake-openrouter: generating image: {e}"),
-            None,
-        ),
-    }
+    stream_answer(shared, call, fault)
 }
 
 /// The user message's text: a string, or the text parts of an array.
@@ -561,11 +596,9 @@ enum Ending {
     Reset,
 }
 
-/// A 200 answer: how long to pad, with what, then which parts, and what it bills.
+/// The body of a 200 answer after the padding, and what it bills.
 #[derive(Debug)]
 struct Answer {
-    latency: Duration,
-    pad: &'static [u8],
     parts: Vec<Bytes>,
     ending: Ending,
     billing: Option<Billing>,
@@ -659,8 +692,6 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
         ..Tokens::default()
     };
     let mut answer = Answer {
-        latency: config.latency,
-        pad: WHITESPACE_PAD,
         parts: Vec::new(),
         ending: Ending::Clean,
         billing: None,
@@ -736,8 +767,6 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
                 price,
             ));
         }
-        Some(Fault::Slow(latency)) => answer.latency = *latency,
-        Some(Fault::SseComments) => answer.pad = COMMENT_PAD,
         _ => {}
     }
 
@@ -760,15 +789,19 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
     if fault == Some(Fault::TwoImages) {
         payloads.push(base.render(&format!("{}-preview", call.id)).b64);
     }
-    if fault == Some(Fault::Oversize) {
-        let blocks = config.oversize_bytes / OVERSIZE_BLOCK.len() as u64 + 1;
-        payloads.push(
-            (0..blocks)
-                .map(|_| Bytes::from_static(&OVERSIZE_BLOCK))
-                .collect(),
-        );
-    } else {
-        payloads.push(image.b64.clone());
+    match fault {
+        Some(Fault::Oversize) => {
+            let blocks = config.oversize_bytes / OVERSIZE_BLOCK.len() as u64 + 1;
+            payloads.push(
+                (0..blocks)
+                    .map(|_| Bytes::from_static(&OVERSIZE_BLOCK))
+                    .collect(),
+            );
+        }
+        Some(Fault::NotAnImage) => {
+            payloads.push(vec![Bytes::from(BASE64_STANDARD.encode(NOT_AN_IMAGE))]);
+        }
+        _ => payloads.push(image.b64.clone()),
     }
     let images: Vec<Value> = (0..payloads.len())
         .map(|i| {
@@ -807,7 +840,9 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
                 answer.ending = Ending::Reset;
             }
         }
-        Some(Fault::Oversize) => answer.billing = Some(Billing { cost, served: None }),
+        // The client stops at its cap and never sees the usage, so nothing is billed.
+        Some(Fault::Oversize) => {}
+        Some(Fault::NotAnImage) => answer.billing = Some(Billing { cost, served: None }),
         _ => {
             answer.billing = Some(Billing {
                 cost,
@@ -868,18 +903,35 @@ fn halve(parts: &mut Vec<Bytes>) {
     *parts = kept;
 }
 
-/// Sends the 200 and headers now, then pads, then the answer.
-fn stream_answer(shared: Arc<Shared>, call: Call, answer: Answer) -> Response {
-    let now = Instant::now();
+/// Sends the 200 and headers now, then pads while the answer is prepared (the image fetched
+/// from the cache, generated on first use) and the latency runs out, then sends the answer.
+fn stream_answer(shared: Arc<Shared>, call: Call, fault: Option<Fault>) -> Response {
+    let latency = match &fault {
+        Some(Fault::Slow(latency)) => *latency,
+        _ => shared.config.latency,
+    };
+    let pad = match &fault {
+        Some(Fault::SseComments) => COMMENT_PAD,
+        _ => WHITESPACE_PAD,
+    };
+    let ready_at = Instant::now() + latency;
+    let id = call.id.clone();
+    let preparing = {
+        let shared = shared.clone();
+        async move {
+            let answer = answer(&shared, &call, fault).await;
+            tokio::time::sleep_until(ready_at).await;
+            answer
+        }
+    };
     let writer = Writer {
-        ready_at: now + answer.latency,
         pad_every: shared.config.pad_interval.max(Duration::from_millis(1)),
-        padding: true,
+        pad: Bytes::from_static(pad),
         first_pad: true,
-        pad: Bytes::from_static(answer.pad),
-        parts: answer.parts.into(),
-        ending: Some(answer.ending),
-        billing: answer.billing,
+        preparing: Some(Box::pin(preparing)),
+        parts: VecDeque::new(),
+        ending: None,
+        billing: None,
         shared,
     };
     let stream = futures::stream::unfold(writer, |mut w| async move {
@@ -892,20 +944,22 @@ fn stream_answer(shared: Arc<Shared>, call: Call, answer: Answer) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(id) = HeaderValue::from_str(&call.id) {
+    if let Ok(id) = HeaderValue::from_str(&id) {
         headers.insert("x-generation-id", id);
     }
     response
 }
 
+/// The answer being prepared; dropped (and with it any wait) if the client goes away.
+type Preparing = Pin<Box<dyn Future<Output = io::Result<Answer>> + Send>>;
+
 /// Writes one answer body, chunk by chunk, as the connection asks for it.
 struct Writer {
     shared: Arc<Shared>,
-    ready_at: Instant,
     pad_every: Duration,
-    padding: bool,
-    first_pad: bool,
     pad: Bytes,
+    first_pad: bool,
+    preparing: Option<Preparing>,
     parts: VecDeque<Bytes>,
     ending: Option<Ending>,
     billing: Option<Billing>,
@@ -913,24 +967,27 @@ struct Writer {
 
 impl Writer {
     async fn next(&mut self) -> Option<io::Result<Bytes>> {
-        if self.padding {
-            if Instant::now() < self.ready_at {
-                // The first pad goes out at once, so the client holds a 200 from the start.
-                if std::mem::take(&mut self.first_pad) {
-                    return Some(Ok(self.pad.clone()));
+        // The first pad goes out at once, so the client holds a 200 from the start.
+        if std::mem::take(&mut self.first_pad) {
+            return Some(Ok(self.pad.clone()));
+        }
+        if let Some(preparing) = self.preparing.as_mut() {
+            tokio::select! {
+                answer = preparing => {
+                    self.preparing = None;
+                    let answer = match answer {
+                        Ok(answer) => answer,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    self.parts = answer.parts.into();
+                    self.ending = Some(answer.ending);
+                    self.billing = answer.billing;
                 }
-                let wake = (Instant::now() + self.pad_every).min(self.ready_at);
-                tokio::select! {
-                    () = tokio::time::sleep_until(wake) => {}
-                    () = self.shared.stopping.cancelled() => {
-                        return Some(Err(io::Error::other("fake-openrouter is stopping")));
-                    }
-                }
-                if Instant::now() < self.ready_at {
-                    return Some(Ok(self.pad.clone()));
+                () = tokio::time::sleep(self.pad_every) => return Some(Ok(self.pad.clone())),
+                () = self.shared.stopping.cancelled() => {
+                    return Some(Err(io::Error::other("fake-openrouter is stopping")));
                 }
             }
-            self.padding = false;
         }
         if let Some(part) = self.parts.pop_front() {
             if self.parts.is_empty()
@@ -1038,6 +1095,48 @@ fn generation_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: FakeArgs,
+    }
+
+    #[test]
+    fn cli_flags_parse_into_a_config_whose_debug_hides_the_key() {
+        let cli = Cli::try_parse_from([
+            "fake-openrouter",
+            "--listen",
+            "127.0.0.1:0",
+            "--latency",
+            "2s",
+            "--api-key",
+            "sk-dev-secret",
+            "--fault",
+            "402x5",
+            "--fault",
+            "429x1 retry-after=2",
+        ])
+        .unwrap();
+        let config = FakeConfig::from(cli.args.clone());
+        assert_eq!(config.latency, Duration::from_secs(2));
+        assert_eq!(config.image_bytes, DEFAULT_IMAGE_BYTES);
+        assert_eq!(config.faults.len(), 2);
+        assert_eq!(config.faults[0].calls, Some(5));
+        assert_eq!(
+            config.faults[1].fault,
+            Fault::Status {
+                code: 429,
+                retry_after: Some(2),
+                reset_in: None
+            }
+        );
+        for text in [format!("{config:?}"), format!("{:?}", cli.args)] {
+            assert!(!text.contains("sk-dev-secret"), "{text}");
+        }
+        assert!(Cli::try_parse_from(["x", "--fault", "nonsense"]).is_err());
+    }
 
     #[test]
     fn prices_match_openrouter_examples() {

@@ -1,0 +1,220 @@
+//! The success path and the quirks of real answers the client must take in its stride.
+
+use std::time::Duration;
+
+use imagegen::image::ImageFormat;
+use imagegen::openrouter::Generation;
+use imagegen::openrouter::fake::FakeConfig;
+use imagegen::openrouter::models::{self, ASPECT_RATIOS, FLASH_IMAGE, PRO_IMAGE};
+use rust_decimal::Decimal;
+
+use super::{client, fake, fake_with, request, sha256, succeed};
+
+/// Per-token prices in USD from shared/openrouter.md.
+fn per_million(usd: i64, scale: u32) -> Decimal {
+    Decimal::new(usd, scale) / Decimal::from(1_000_000)
+}
+
+/// The image is what the stand-in served, byte for byte, and its cost what it billed.
+fn assert_served(server: &imagegen::openrouter::fake::FakeServer, g: &Generation) {
+    let served = server.served();
+    let last = served.last().expect("the stand-in recorded the generation");
+    let image = &g.images[0];
+    assert_eq!(sha256(&image.bytes), last.sha256);
+    assert_eq!(image.bytes.len(), last.bytes);
+    assert_eq!(
+        g.generation_id.as_deref(),
+        Some(last.generation_id.as_str())
+    );
+    assert_eq!(g.usage.cost_usd, last.cost_usd);
+}
+
+#[tokio::test]
+async fn a_success_carries_the_image_its_usage_and_its_id() {
+    let server = fake().await;
+    let g = succeed(&server, "A calm lake at dawn, blog header").await;
+    assert_eq!(g.http_status, 200);
+    assert_eq!((g.images.len(), g.discarded_images), (1, 0));
+    let image = &g.images[0];
+    assert_eq!(image.format, ImageFormat::Png);
+    assert_eq!((image.width, image.height), (1344, 768));
+    // About 1.2 MB, like a real flash image.
+    assert!(
+        (1_000_000..1_400_000).contains(&image.bytes.len()),
+        "{}",
+        image.bytes.len()
+    );
+    assert_eq!(g.usage.prompt_tokens, 8);
+    assert_eq!(
+        (g.usage.completion_tokens, g.usage.image_tokens),
+        (1290, 1290)
+    );
+    assert_eq!(
+        g.usage.cost_usd,
+        Decimal::from(8) * per_million(30, 2) + Decimal::from(1290) * per_million(30, 0)
+    );
+    assert_served(&server, &g);
+    assert_eq!(server.billed_usd(), g.usage.cost_usd);
+}
+
+#[tokio::test]
+async fn each_answer_is_a_distinct_image() {
+    let server = fake().await;
+    let a = succeed(&server, "a lake").await;
+    let b = succeed(&server, "a lake").await;
+    assert_ne!(sha256(&a.images[0].bytes), sha256(&b.images[0].bytes));
+    assert_eq!(server.calls_for("a lake"), 2);
+}
+
+#[tokio::test]
+async fn every_aspect_ratio_has_its_pixel_size() {
+    let server = fake_with(FakeConfig {
+        image_bytes: 20_000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let client = client(&server);
+    let mut sizes = Vec::new();
+    for ratio in ASPECT_RATIOS {
+        let mut req = request("a lake");
+        req.aspect_ratio = ratio.to_owned();
+        let g = client.generate(&req).await.unwrap();
+        sizes.push((g.images[0].width, g.images[0].height));
+    }
+    assert_eq!(
+        sizes,
+        [
+            (1024, 1024),
+            (832, 1248),
+            (1248, 832),
+            (864, 1184),
+            (1184, 864),
+            (896, 1152),
+            (1152, 896),
+            (768, 1344),
+            (1344, 768),
+            (1536, 672)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_pro_model_scales_with_image_size_and_is_priced_as_such() {
+    let server = fake_with(FakeConfig {
+        image_bytes: 20_000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let client = client(&server);
+    let mut req = request("A calm lake at dawn, blog header");
+    req.model = PRO_IMAGE.to_owned();
+    let mut got = Vec::new();
+    for (size, image_tokens) in [("1K", 1120), ("2K", 1120), ("4K", 2000)] {
+        req.image_size = Some(size.to_owned());
+        let g = client.generate(&req).await.unwrap();
+        let image = &g.images[0];
+        got.push((image.width, image.height));
+        // 240 reasoning tokens at the text price, the image at $120/M, the prompt at $2/M.
+        assert_eq!(g.usage.image_tokens, image_tokens);
+        assert_eq!(g.usage.completion_tokens, image_tokens + 240);
+        assert_eq!(
+            g.usage.cost_usd,
+            Decimal::from(g.usage.prompt_tokens) * per_million(2, 0)
+                + Decimal::from(240) * per_million(12, 0)
+                + Decimal::from(image_tokens) * per_million(120, 0)
+        );
+        assert_served(&server, &g);
+    }
+    assert_eq!(got, [(1376, 768), (2752, 1536), (5504, 3072)]);
+    // The flash model has no sizes: 4K is ignored, as the real one does.
+    req.model = FLASH_IMAGE.to_owned();
+    let g = client.generate(&req).await.unwrap();
+    assert_eq!(
+        Some((g.images[0].width, g.images[0].height)),
+        models::dimensions(FLASH_IMAGE, "16:9", None)
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_padding_before_the_json_is_skipped() {
+    let server = fake_with(FakeConfig {
+        latency: Duration::from_millis(200),
+        pad_interval: Duration::from_millis(5),
+        ..FakeConfig::default()
+    })
+    .await;
+    let g = succeed(&server, "a lake").await;
+    assert_served(&server, &g);
+}
+
+#[tokio::test]
+async fn sse_comment_lines_before_the_json_are_skipped() {
+    let server = fake_with(FakeConfig {
+        latency: Duration::from_millis(100),
+        pad_interval: Duration::from_millis(5),
+        ..FakeConfig::default()
+    })
+    .await;
+    let g = succeed(&server, "a lake [fault:sse-comments]").await;
+    assert_served(&server, &g);
+}
+
+#[tokio::test]
+async fn content_may_be_empty_null_text_or_an_array() {
+    let server = fake().await;
+    for quirk in [
+        "",
+        "[fault:content-null]",
+        "[fault:content-text]",
+        "[fault:content-array]",
+    ] {
+        let g = succeed(&server, &format!("a lake {quirk}")).await;
+        assert_eq!(g.images[0].format, ImageFormat::Png, "{quirk}");
+        assert_served(&server, &g);
+    }
+}
+
+#[tokio::test]
+async fn two_images_keep_the_last_one() {
+    let server = fake().await;
+    let g = succeed(&server, "a lake [fault:two-images]").await;
+    assert_eq!((g.images.len(), g.discarded_images), (1, 1));
+    // The stand-in records the final image (the preview differs from it).
+    assert_served(&server, &g);
+}
+
+#[tokio::test]
+async fn jpeg_bytes_labelled_png_are_taken_as_jpeg() {
+    let server = fake().await;
+    let g = succeed(&server, "a lake [fault:jpeg-as-png]").await;
+    let image = &g.images[0];
+    assert_eq!(image.format, ImageFormat::Jpeg);
+    assert_eq!((image.width, image.height), (1344, 768));
+    assert_eq!(server.served()[0].format, ImageFormat::Jpeg);
+    assert_served(&server, &g);
+}
+
+#[tokio::test]
+async fn one_client_serves_many_concurrent_calls() {
+    let server = fake_with(FakeConfig {
+        latency: Duration::from_millis(100),
+        pad_interval: Duration::from_millis(20),
+        image_bytes: 100_000,
+        ..FakeConfig::default()
+    })
+    .await;
+    let client = client(&server);
+    let calls = (0..64).map(|i| {
+        let client = client.clone();
+        async move { client.generate(&request(&format!("lake {i}"))).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut ids: Vec<String> = results
+        .into_iter()
+        .map(|r| r.unwrap().generation_id.unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 64);
+    assert_eq!(server.successes(), 64);
+}
