@@ -66,7 +66,12 @@ pub async fn run(queue: Queue, storage: &StorageConfig, args: DemoArgs) -> anyho
     println!("images go to {}", storage.describe());
 
     let client = Client::new(ClientConfig::new(fake.base_url(), key))?;
-    let pipeline = Pipeline::new(client, storage.clone(), queue.clone(), PipelineConfig::default());
+    let pipeline = Pipeline::new(
+        client,
+        storage.clone(),
+        queue.clone(),
+        PipelineConfig::default(),
+    );
 
     let batch = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
     let jobs: Vec<NewJob> = PROMPTS
@@ -109,12 +114,7 @@ pub async fn run(queue: Queue, storage: &StorageConfig, args: DemoArgs) -> anyho
     );
     while !run.is_finished() {
         if let Ok(counts) = queue.counts(false, Some(&batch)).await {
-            let get = |s: &str| {
-                counts
-                    .iter()
-                    .find(|c| c.state == s)
-                    .map_or(0, |c| c.jobs)
-            };
+            let get = |s: &str| counts.iter().find(|c| c.state == s).map_or(0, |c| c.jobs);
             let cost: Decimal = counts.iter().map(|c| c.cost_usd).sum();
             let finished = get("succeeded") + get("failed") + get("cancelled");
             bar.set_position(u64::try_from(finished).unwrap_or(0));
@@ -134,7 +134,14 @@ pub async fn run(queue: Queue, storage: &StorageConfig, args: DemoArgs) -> anyho
 
     let mut table = Table::new();
     table.load_style(UTF8_FULL_CONDENSED);
-    table.set_header(["job", "state", "attempts", "image / error", "tokens", "cost (USD)"]);
+    table.set_header([
+        "job",
+        "state",
+        "attempts",
+        "image / error",
+        "tokens",
+        "cost (USD)",
+    ]);
     let mut total = Decimal::ZERO;
     for job in queue.batch_jobs(&batch).await? {
         total += job.cost_usd;

@@ -303,7 +303,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let q = open_queue(g, 2).await?;
             match cmd {
                 BudgetCommand::Set { batch, usd } => {
-                    q.set_batch_budget(&batch, Some(usd)).await.map_err(explain_constraint)?;
+                    q.set_batch_budget(&batch, Some(usd))
+                        .await
+                        .map_err(explain_constraint)?;
                     println!("batch {batch:?}: budget ${usd}");
                 }
                 BudgetCommand::Clear { batch } => {
@@ -315,7 +317,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     t.load_style(UTF8_FULL_CONDENSED);
                     t.set_header(["batch", "budget (USD)", "spent (USD)"]);
                     for b in q.batch_budgets().await? {
-                        t.add_row([b.batch, b.budget_usd.to_string(), b.spent_usd.round_dp(4).to_string()]);
+                        t.add_row([
+                            b.batch,
+                            b.budget_usd.to_string(),
+                            b.spent_usd.round_dp(4).to_string(),
+                        ]);
                     }
                     println!("{t}");
                 }
@@ -590,7 +596,10 @@ async fn doctor(
         Ok(q) => {
             let counts = q.counts(false, None).await?;
             let jobs: i64 = counts.iter().map(|c| c.jobs).sum();
-            println!("ok    database {} (migrated, {jobs} jobs)", db::describe(&g.database_url));
+            println!(
+                "ok    database {} (migrated, {jobs} jobs)",
+                db::describe(&g.database_url)
+            );
         }
         Err(e) => {
             failed = true;
@@ -599,7 +608,10 @@ async fn doctor(
     }
     match Storage::open(&storage).await {
         Ok(s) => match s.check().await {
-            Ok(()) => println!("ok    storage {} (probe written, read back, deleted)", s.describe()),
+            Ok(()) => println!(
+                "ok    storage {} (probe written, read back, deleted)",
+                s.describe()
+            ),
             Err(e) => {
                 failed = true;
                 println!("FAIL  storage {}: {e}", s.describe());

@@ -129,11 +129,15 @@ impl Pipeline {
     /// attempts look in storage).
     async fn paid_earlier(&self, job: &Job) -> Result<Option<Vec<DecodedImage>>, Failure> {
         if job.has_paid_images {
-            let stashed = self.queue.stashed_images(job.id).await.map_err(|e| Failure {
-                class: e.class(),
-                message: format!("reading stashed images failed: {e}"),
-                record: AttemptRecord::default(),
-            })?;
+            let stashed = self
+                .queue
+                .stashed_images(job.id)
+                .await
+                .map_err(|e| Failure {
+                    class: e.class(),
+                    message: format!("reading stashed images failed: {e}"),
+                    record: AttemptRecord::default(),
+                })?;
             let images = stashed
                 .into_iter()
                 .filter_map(|b| decoded(bytes::Bytes::from(b)))
@@ -188,9 +192,11 @@ impl Pipeline {
     }
 
     async fn run(&self, job: Job) -> Result<Success, Failure> {
-        if let Some(images) = self.paid_earlier(&job).await?
-        {
-            info!(images = images.len(), "finishing from images an earlier attempt paid for");
+        if let Some(images) = self.paid_earlier(&job).await? {
+            info!(
+                images = images.len(),
+                "finishing from images an earlier attempt paid for"
+            );
             let success = self.store(&job, &images).await.map_err(storage_failure)?;
             self.forget_stash(job.id).await;
             return Ok(success);
@@ -216,7 +222,9 @@ impl Pipeline {
                 self.stash(&job, &generation).await;
                 Err(Failure {
                     class: e.class(),
-                    message: format!("image paid for but not stored (kept for the next attempt): {e}"),
+                    message: format!(
+                        "image paid for but not stored (kept for the next attempt): {e}"
+                    ),
                     record,
                 })
             }

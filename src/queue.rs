@@ -736,16 +736,18 @@ impl Queue {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(index, key, url, content_type, bytes, width, height, sha256)| ImageRow {
-                index,
-                key,
-                url,
-                content_type,
-                bytes,
-                width,
-                height,
-                sha256,
-            })
+            .map(
+                |(index, key, url, content_type, bytes, width, height, sha256)| ImageRow {
+                    index,
+                    key,
+                    url,
+                    content_type,
+                    bytes,
+                    width,
+                    height,
+                    sha256,
+                },
+            )
             .collect())
     }
 
@@ -862,7 +864,9 @@ impl Queue {
         images: &[Vec<u8>],
         generation_id: Option<&str>,
     ) -> Result<()> {
-        let idx: Vec<i32> = (0..images.len()).map(|i| i32::try_from(i).unwrap_or(i32::MAX)).collect();
+        let idx: Vec<i32> = (0..images.len())
+            .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+            .collect();
         sqlx::query(
             "INSERT INTO imagegen.paid_images (job_id, idx, data, generation_id) \
              SELECT $1, i, d, $4 FROM UNNEST($2::int[], $3::bytea[]) AS t(i, d) \

@@ -76,7 +76,10 @@ mod tests {
     #[test]
     fn requested_delay_wins_but_is_capped() {
         let p = RetryPolicy::default();
-        assert_eq!(p.delay(1, Some(Duration::from_secs(42))), Duration::from_secs(42));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(42))),
+            Duration::from_secs(42)
+        );
         assert_eq!(p.delay(1, Some(Duration::from_secs(100_000))), p.cap);
     }
 }

@@ -364,7 +364,11 @@ impl<H: Handler> Worker<H> {
 
             // Nothing more due now. Exit if asked and nothing is left anywhere.
             if cfg.exit_when_idle && tasks.is_empty() {
-                match shared.queue.idle_everywhere(cfg.only_batch.as_deref()).await {
+                match shared
+                    .queue
+                    .idle_everywhere(cfg.only_batch.as_deref())
+                    .await
+                {
                     Ok(true) => break 'claiming,
                     Ok(false) => {}
                     Err(e) => warn!(error = %e, "idle check failed"),

@@ -215,7 +215,10 @@ async fn raw_claims_from_many_connections_never_overlap(pool: PgPool) {
             let me = Uuid::new_v4();
             let mut mine = Vec::new();
             loop {
-                let jobs = q.claim(me, 37, Duration::from_secs(60), &ClaimFilter::default()).await.unwrap();
+                let jobs = q
+                    .claim(me, 37, Duration::from_secs(60), &ClaimFilter::default())
+                    .await
+                    .unwrap();
                 if jobs.is_empty() {
                     return mine;
                 }
@@ -245,7 +248,12 @@ async fn claims_follow_priority_then_run_at_then_id(pool: PgPool) {
     .unwrap();
     let q = Queue::new(pool);
     let jobs = q
-        .claim(Uuid::new_v4(), 10, Duration::from_secs(60), &ClaimFilter::default())
+        .claim(
+            Uuid::new_v4(),
+            10,
+            Duration::from_secs(60),
+            &ClaimFilter::default(),
+        )
         .await
         .unwrap();
     let prompts: Vec<&str> = jobs.iter().map(|j| j.prompt.as_str()).collect();
@@ -354,7 +362,12 @@ async fn a_job_that_kills_its_worker_every_time_ends_failed(pool: PgPool) {
     let q = Queue::new(pool.clone());
     for _ in 0..2 {
         let claimed = q
-            .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
+            .claim(
+                Uuid::new_v4(),
+                1,
+                Duration::from_secs(60),
+                &ClaimFilter::default(),
+            )
             .await
             .unwrap();
         assert_eq!(claimed.len(), 1);
@@ -365,10 +378,15 @@ async fn a_job_that_kills_its_worker_every_time_ends_failed(pool: PgPool) {
         assert_eq!(q.rescue_expired(10).await.unwrap(), 1);
     }
     assert!(
-        q.claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
-            .await
-            .unwrap()
-            .is_empty()
+        q.claim(
+            Uuid::new_v4(),
+            1,
+            Duration::from_secs(60),
+            &ClaimFilter::default()
+        )
+        .await
+        .unwrap()
+        .is_empty()
     );
     assert_eq!(count_state(&pool, "failed").await, 1);
 }
@@ -382,7 +400,12 @@ async fn backoff_follows_the_policy_and_honours_a_requested_delay(pool: PgPool) 
         cap: Duration::from_secs(600),
     };
     let jobs = q
-        .claim(Uuid::new_v4(), 2, Duration::from_secs(60), &ClaimFilter::default())
+        .claim(
+            Uuid::new_v4(),
+            2,
+            Duration::from_secs(60),
+            &ClaimFilter::default(),
+        )
         .await
         .unwrap();
     let jittered = Err(failure(ErrorClass::RETRY, "HTTP 503"));
@@ -682,7 +705,12 @@ async fn cancel_and_retry(pool: PgPool) {
     q.cancel(ids[0]).await.unwrap();
     assert_eq!(q.job(ids[0]).await.unwrap().state, "cancelled");
     let running = q
-        .claim(Uuid::new_v4(), 1, Duration::from_secs(60), &ClaimFilter::default())
+        .claim(
+            Uuid::new_v4(),
+            1,
+            Duration::from_secs(60),
+            &ClaimFilter::default(),
+        )
         .await
         .unwrap();
     assert_eq!(running[0].id, ids[1]);
