@@ -131,8 +131,9 @@ pub struct AttemptRecord {
 }
 
 /// One stored image of a succeeded job, for `imagegen.images`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, FromRow, Serialize)]
 pub struct ImageRow {
+    #[sqlx(rename = "idx")]
     pub index: i32,
     pub key: String,
     pub url: String,
@@ -727,28 +728,13 @@ impl Queue {
 
     /// The stored images of one job, in order.
     pub async fn job_images(&self, id: i64) -> Result<Vec<ImageRow>> {
-        let rows: Vec<(i32, String, String, String, i64, i32, i32, String)> = sqlx::query_as(
+        Ok(sqlx::query_as(
             "SELECT idx, key, url, content_type, bytes, width, height, sha256 \
              FROM imagegen.images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(id)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(index, key, url, content_type, bytes, width, height, sha256)| ImageRow {
-                    index,
-                    key,
-                    url,
-                    content_type,
-                    bytes,
-                    width,
-                    height,
-                    sha256,
-                },
-            )
-            .collect())
+        .await?)
     }
 
     /// The jobs of one batch, oldest first (for the demo's report and small batches).
