@@ -24,3 +24,7 @@ CREATE TABLE imagegen.paid_images (
 
 -- Today's spend for the daily budget reads attempts by time.
 CREATE INDEX attempts_finished_idx ON imagegen.attempts (finished_at);
+
+-- What a running attempt's call is expected to cost, set when a budget let the call start and
+-- cleared when the attempt ends: the in-flight part of every budget check.
+ALTER TABLE imagegen.jobs ADD COLUMN reserved_usd numeric;

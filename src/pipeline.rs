@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 use crate::openrouter::{CallError, Client, Generation, ImageRequest, models};
-use crate::queue::{AttemptRecord, Commitment, ImageRow, Job, Queue};
+use crate::queue::{AttemptRecord, ImageRow, Job, Queue, Reservation};
 use crate::storage::{ObjectMeta, Storage, StorageError, object_key};
 use crate::worker::{Failure, Handler, Success};
 
@@ -57,12 +57,6 @@ pub fn expected_cost(model: &str, image_size: Option<&str>) -> Decimal {
     }
 }
 
-fn committed(c: &Commitment) -> Decimal {
-    c.running.iter().fold(c.billed, |sum, (model, size, n)| {
-        sum + expected_cost(model, size.as_deref()) * Decimal::from(*n)
-    })
-}
-
 impl Pipeline {
     pub fn new(client: Client, storage: Storage, queue: Queue, config: PipelineConfig) -> Self {
         let limiter = config
@@ -81,47 +75,56 @@ impl Pipeline {
         &self.storage
     }
 
-    /// Refuses to start a call that could take a budget past its limit. The job itself is
-    /// running, so it is already among the in-flight calls counted.
+    /// Refuses to start a call that could take a budget past its limit; otherwise reserves
+    /// the call's expected cost until the attempt ends.
     async fn check_budgets(&self, job: &Job) -> Result<(), Failure> {
-        let db = |e: crate::queue::QueueError| Failure {
-            class: e.class(),
-            message: format!("budget check failed: {e}"),
-            record: AttemptRecord::default(),
+        let expected = expected_cost(&job.model, job.image_size.as_deref());
+        let reservation = self
+            .queue
+            .reserve(job, expected, self.daily_budget)
+            .await
+            .map_err(|e| Failure {
+                class: e.class(),
+                message: format!("budget check failed: {e}"),
+                record: AttemptRecord::default(),
+                free_retry: false,
+            })?;
+        let (class, message) = match reservation {
+            Reservation::Granted => return Ok(()),
+            Reservation::BatchOver {
+                budget,
+                billed,
+                in_flight,
+            } => (
+                ErrorClass::HaltBatch,
+                format!(
+                    "batch {:?} paused at its budget of ${budget}: ${} billed, ${in_flight} in flight, next call ~${expected}",
+                    job.batch.as_deref().unwrap_or_default(),
+                    billed.round_dp(4)
+                ),
+            ),
+            Reservation::DailyOver {
+                budget,
+                billed,
+                in_flight,
+            } => (
+                ErrorClass::Halt,
+                format!(
+                    "daily budget of ${budget} reached: ${} billed today (UTC), ${in_flight} in flight, next call ~${expected}",
+                    billed.round_dp(4)
+                ),
+            ),
+            Reservation::LeaseLost => (
+                ErrorClass::RETRY,
+                "lease lost before the call started".to_owned(),
+            ),
         };
-        if let Some(batch) = &job.batch
-            && let Some(budget) = self.queue.batch_budget(batch).await.map_err(db)?
-        {
-            let c = self.queue.batch_commitment(batch).await.map_err(db)?;
-            let total = committed(&c);
-            if total > budget {
-                return Err(Failure {
-                    class: ErrorClass::HaltBatch,
-                    message: format!(
-                        "batch {batch:?} paused: its budget is ${budget}, ${} billed and {} call(s) in flight",
-                        c.billed.round_dp(4),
-                        c.running.iter().map(|r| r.2).sum::<i64>()
-                    ),
-                    record: AttemptRecord::default(),
-                });
-            }
-        }
-        if let Some(budget) = self.daily_budget {
-            let c = self.queue.daily_commitment().await.map_err(db)?;
-            let total = committed(&c);
-            if total > budget {
-                return Err(Failure {
-                    class: ErrorClass::Halt,
-                    message: format!(
-                        "daily budget of ${budget} reached: ${} billed today (UTC) and {} call(s) in flight",
-                        c.billed.round_dp(4),
-                        c.running.iter().map(|r| r.2).sum::<i64>()
-                    ),
-                    record: AttemptRecord::default(),
-                });
-            }
-        }
-        Ok(())
+        Err(Failure {
+            class,
+            message,
+            record: AttemptRecord::default(),
+            free_retry: false,
+        })
     }
 
     /// Images an earlier attempt of this job paid for: stashed after a failed upload, or already
@@ -137,6 +140,7 @@ impl Pipeline {
                     class: e.class(),
                     message: format!("reading stashed images failed: {e}"),
                     record: AttemptRecord::default(),
+                    free_retry: true,
                 })?;
             let images = stashed
                 .into_iter()
@@ -197,7 +201,10 @@ impl Pipeline {
                 images = images.len(),
                 "finishing from images an earlier attempt paid for"
             );
-            let success = self.store(&job, &images).await.map_err(storage_failure)?;
+            let success = self.store(&job, &images).await.map_err(|e| Failure {
+                free_retry: true,
+                ..storage_failure(e)
+            })?;
             self.forget_stash(job.id).await;
             return Ok(success);
         }
@@ -226,6 +233,8 @@ impl Pipeline {
                         "image paid for but not stored (kept for the next attempt): {e}"
                     ),
                     record,
+                    // Retrying costs nothing now: the next attempt stores the kept images.
+                    free_retry: true,
                 })
             }
         }
@@ -308,6 +317,7 @@ fn call_failure(e: CallError) -> Failure {
             cost_usd: usage.cost_usd,
             generation_id: e.generation_id.clone(),
         },
+        free_retry: false,
     }
 }
 
@@ -316,5 +326,6 @@ fn storage_failure(e: StorageError) -> Failure {
         class: e.class(),
         message: e.to_string(),
         record: AttemptRecord::default(),
+        free_retry: false,
     }
 }

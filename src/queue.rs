@@ -152,8 +152,13 @@ pub enum Finish {
         image_urls: Vec<String>,
         images: Vec<ImageRow>,
     },
-    /// Back to pending, runnable again after `delay`; the attempt is spent.
-    Retry { error: String, delay: Duration },
+    /// Back to pending, runnable again after `delay`. The attempt is spent unless `refund`
+    /// (a retry that costs nothing: the images were paid for and kept).
+    Retry {
+        error: String,
+        delay: Duration,
+        refund: bool,
+    },
     /// Failed for good (permanent error, or no attempts left).
     Failed { error: String },
     /// Back to pending at once without spending the attempt: the worker is shutting down
@@ -276,11 +281,25 @@ pub struct BatchBudget {
     pub spent_usd: Decimal,
 }
 
-/// Money committed: billed, plus calls in flight as `(model, image_size, count)`.
-#[derive(Debug, Clone, Default)]
-pub struct Commitment {
-    pub billed: Decimal,
-    pub running: Vec<(String, Option<String>, i64)>,
+/// Whether a call may start under the budgets that apply to it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reservation {
+    /// Within every budget; the expected cost is reserved on the job.
+    Granted,
+    /// The batch's budget would be passed.
+    BatchOver {
+        budget: Decimal,
+        billed: Decimal,
+        in_flight: Decimal,
+    },
+    /// Today's budget would be passed.
+    DailyOver {
+        budget: Decimal,
+        billed: Decimal,
+        in_flight: Decimal,
+    },
+    /// The job is no longer this worker's.
+    LeaseLost,
 }
 
 /// Which jobs a claim may take.
@@ -519,7 +538,10 @@ impl Queue {
             attempts.push(c.lease.attempt);
             states.push(c.finish.state());
             outcomes.push(c.finish.outcome());
-            refunds.push(i32::from(matches!(c.finish, Finish::Released { .. })));
+            refunds.push(i32::from(matches!(
+                c.finish,
+                Finish::Released { .. } | Finish::Retry { refund: true, .. }
+            )));
             errors.push(c.finish.error().map(truncate_error));
             urls.push(match &c.finish {
                 Finish::Succeeded { image_urls, .. } => serde_json::json!(image_urls),
@@ -562,7 +584,8 @@ impl Queue {
                      run_at = CASE WHEN c.state = 'pending' \
                          THEN now() + c.delay_ms * interval '1 millisecond' ELSE j.run_at END, \
                      finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN now() END, \
-                     lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                     lease_owner = NULL, lease_expires_at = NULL, reserved_usd = NULL, \
+                     updated_at = now() \
                  FROM c \
                  WHERE j.id = c.id AND j.state = 'running' AND j.lease_owner = c.worker \
                    AND j.attempts = c.attempt \
@@ -619,7 +642,8 @@ impl Queue {
                      last_error = 'lease expired: the worker stopped renewing it during attempt ' \
                          || j.attempts || ' (crashed, killed or cut off)', \
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END, \
-                     run_at = now(), lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+                     run_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
+                     reserved_usd = NULL, updated_at = now() \
                  FROM expired e WHERE j.id = e.id \
                  RETURNING j.id, j.attempts, j.last_error), \
              logged AS ( \
@@ -887,6 +911,89 @@ impl Queue {
         Ok(())
     }
 
+    /// Lets a call start only if it fits every budget that applies, and if so reserves its
+    /// expected cost on the job until the attempt ends. Billed spend plus the reservations of
+    /// calls in flight plus this one must stay within the batch's budget (if it has one) and
+    /// within `daily_budget` (today, UTC, the whole installation).
+    ///
+    /// Checks and reservations of one budget are serialised by a transaction-scoped advisory
+    /// lock, so concurrent workers cannot both take the last dollar. Locks are always taken
+    /// batch first, then daily, so two reservations cannot deadlock.
+    pub async fn reserve(
+        &self,
+        job: &Job,
+        expected: Decimal,
+        daily_budget: Option<Decimal>,
+    ) -> Result<Reservation> {
+        let batch_budget = match &job.batch {
+            Some(b) => self.batch_budget(b).await?,
+            None => None,
+        };
+        if batch_budget.is_none() && daily_budget.is_none() {
+            return Ok(Reservation::Granted);
+        }
+        let mut tx = self.pool.begin().await?;
+        if let (Some(batch), Some(budget)) = (&job.batch, batch_budget) {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.batch:' || $1))")
+                .bind(batch)
+                .execute(&mut *tx)
+                .await?;
+            let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
+                "SELECT COALESCE(sum(cost_usd), 0), \
+                     COALESCE(sum(reserved_usd) FILTER (WHERE state = 'running'), 0) \
+                 FROM imagegen.jobs WHERE batch = $1",
+            )
+            .bind(batch)
+            .fetch_one(&mut *tx)
+            .await?;
+            if billed + in_flight + expected > budget {
+                return Ok(Reservation::BatchOver {
+                    budget,
+                    billed,
+                    in_flight,
+                });
+            }
+        }
+        if let Some(budget) = daily_budget {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.daily'))")
+                .execute(&mut *tx)
+                .await?;
+            let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
+                "SELECT (SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.attempts \
+                         WHERE finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') \
+                             AT TIME ZONE 'UTC'), \
+                     (SELECT COALESCE(sum(reserved_usd), 0) FROM imagegen.jobs \
+                         WHERE state = 'running')",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            if billed + in_flight + expected > budget {
+                return Ok(Reservation::DailyOver {
+                    budget,
+                    billed,
+                    in_flight,
+                });
+            }
+        }
+        let lease = job.lease();
+        let held = sqlx::query(
+            "UPDATE imagegen.jobs SET reserved_usd = $4 \
+             WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(job.id)
+        .bind(lease.worker)
+        .bind(lease.attempt)
+        .bind(expected)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if held.rows_affected() == 1 {
+            Ok(Reservation::Granted)
+        } else {
+            Ok(Reservation::LeaseLost)
+        }
+    }
+
     /// Sets (or with `None` removes) the budget of a batch.
     pub async fn set_batch_budget(&self, batch: &str, budget_usd: Option<Decimal>) -> Result<()> {
         match budget_usd {
@@ -931,43 +1038,6 @@ impl Queue {
                 .fetch_optional(&self.pool)
                 .await?,
         )
-    }
-
-    /// What a batch has committed: billed so far, and the jobs running now (whose cost is not
-    /// known yet) by model and size, for the caller to price.
-    pub async fn batch_commitment(&self, batch: &str) -> Result<Commitment> {
-        let billed: Decimal = sqlx::query_scalar(
-            "SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.jobs WHERE batch = $1",
-        )
-        .bind(batch)
-        .fetch_one(&self.pool)
-        .await?;
-        let running = sqlx::query_as(
-            "SELECT model, image_size, count(*) FROM imagegen.jobs \
-             WHERE state = 'running' AND batch = $1 GROUP BY 1, 2",
-        )
-        .bind(batch)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Commitment { billed, running })
-    }
-
-    /// What the whole installation has committed today (UTC): every attempt billed since
-    /// midnight, and the jobs running now by model and size.
-    pub async fn daily_commitment(&self) -> Result<Commitment> {
-        let billed: Decimal = sqlx::query_scalar(
-            "SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.attempts \
-             WHERE finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let running = sqlx::query_as(
-            "SELECT model, image_size, count(*) FROM imagegen.jobs WHERE state = 'running' \
-             GROUP BY 1, 2",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(Commitment { billed, running })
     }
 
     async fn wrong_state(&self, id: i64, what: &'static str) -> QueueError {

@@ -40,6 +40,22 @@ pub struct Failure {
     pub message: String,
     /// What the attempt was billed, if anything.
     pub record: AttemptRecord,
+    /// A transient failure that must not use up an attempt: the attempt already paid for its
+    /// images and kept them, so the next one costs nothing (storage was down). Retried with the
+    /// first-failure backoff until it succeeds or the error turns halting.
+    pub free_retry: bool,
+}
+
+impl Failure {
+    /// A failure with nothing billed.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Failure {
+        Failure {
+            class,
+            message: message.into(),
+            record: AttemptRecord::default(),
+            free_retry: false,
+        }
+    }
 }
 
 /// The job body. Implementations must be cancel-safe: on shutdown past the grace period the
@@ -128,6 +144,11 @@ pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy
                 error: f.message.clone(),
                 halted: true,
             },
+            ErrorClass::Transient { after } if f.free_retry => Finish::Retry {
+                error: f.message.clone(),
+                delay: policy.delay(1, after),
+                refund: true,
+            },
             ErrorClass::Transient { after } => {
                 if job.attempts >= job.max_attempts {
                     Finish::Failed {
@@ -138,6 +159,7 @@ pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy
                     Finish::Retry {
                         error: f.message.clone(),
                         delay: policy.delay(failures, after),
+                        refund: false,
                     }
                 }
             }

@@ -54,6 +54,7 @@ fn failure(class: ErrorClass, msg: &str) -> Failure {
         class,
         message: msg.into(),
         record: AttemptRecord::default(),
+        free_retry: false,
     }
 }
 
@@ -509,6 +510,7 @@ async fn permanent_errors_fail_at_once_and_costs_add_up(pool: PgPool) {
                 cost_usd: Decimal::new(387036, 7),
                 generation_id: Some("gen-1".into()),
             },
+            free_retry: false,
         })
     });
     Worker::new(Queue::new(pool.clone()), handler, fast_config(2))
