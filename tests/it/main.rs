@@ -3,5 +3,6 @@
 
 mod helpers;
 mod openrouter;
+mod pipeline;
 mod queue;
 mod storage;

@@ -5,7 +5,7 @@
 //!
 //! Each test works under its own bucket prefix or directory, so the tests run in parallel.
 
-mod fixture;
+pub mod fixture;
 mod local_only;
 mod s3_only;
 mod suite;
