@@ -19,13 +19,13 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum DbError {
     #[error("invalid DATABASE_URL: {0}")]
     BadUrl(String),
-    #[error("cannot reach the database at {target}: {source}")]
+    #[error("cannot reach the database at {target}")]
     Connect {
         target: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("migration failed: {0}")]
+    #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
