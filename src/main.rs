@@ -445,6 +445,21 @@ async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
     }
     println!("{t}");
     println!("total cost so far: ${}", total.round_dp(4));
+    for b in q.batch_budgets().await? {
+        if a.batch.as_ref().is_none_or(|only| *only == b.batch) {
+            let note = if b.spent_usd >= b.budget_usd {
+                "  (budget reached: paused)"
+            } else {
+                ""
+            };
+            println!(
+                "batch {:?}: ${} of ${} budget spent{note}",
+                b.batch,
+                b.spent_usd.round_dp(4),
+                b.budget_usd
+            );
+        }
+    }
     if workers.is_empty() {
         println!("no worker running");
     }

@@ -175,7 +175,8 @@ impl Finish {
         }
     }
 
-    fn outcome(&self) -> &'static str {
+    /// The word recorded in `imagegen.attempts.outcome`.
+    pub fn outcome(&self) -> &'static str {
         match self {
             Finish::Succeeded { .. } => "succeeded",
             Finish::Failed { .. } => "failed",

@@ -195,6 +195,8 @@ struct Shared {
     pause: Mutex<Option<Pause>>,
     /// Batches not to claim until the given instant (their budget is spent).
     paused_batches: Mutex<HashMap<String, Instant>>,
+    /// Wakes the heartbeat early, so a pause shows in `imagegen status` at once.
+    heartbeat_now: tokio::sync::Notify,
     status: watch::Sender<WorkerStatus>,
 }
 
@@ -232,6 +234,7 @@ impl Shared {
             reason,
             probe,
         });
+        self.heartbeat_now.notify_one();
     }
 }
 
@@ -258,6 +261,7 @@ impl<H: Handler> Worker<H> {
                 in_flight: Mutex::new(HashMap::new()),
                 pause: Mutex::new(None),
                 paused_batches: Mutex::new(HashMap::new()),
+                heartbeat_now: tokio::sync::Notify::new(),
                 status,
             }),
             handler: Arc::new(handler),
@@ -518,7 +522,8 @@ impl<H: Handler> Worker<H> {
                     finish,
                     record,
                 };
-                let summary = summary(&completion);
+                let (outcome, duration_ms) = (completion.finish.outcome(), completion.duration.as_millis());
+                let billed = completion.record.clone();
                 let (ack_tx, ack_rx) = oneshot::channel();
                 if done.send((completion, ack_tx)).await.is_err() {
                     error!("completion writer gone; the lease will expire and the job be rescued");
@@ -526,9 +531,11 @@ impl<H: Handler> Worker<H> {
                 }
                 match ack_rx.await {
                     Ok(Ok(true)) => info!(
-                        outcome = summary.0,
-                        duration_ms = summary.1,
-                        cost_usd = %summary.2,
+                        outcome,
+                        duration_ms,
+                        prompt_tokens = billed.prompt_tokens,
+                        completion_tokens = billed.completion_tokens,
+                        cost_usd = %billed.cost_usd,
                         "attempt finished"
                     ),
                     Ok(Ok(false)) => warn!(
@@ -544,16 +551,6 @@ impl<H: Handler> Worker<H> {
             .instrument(span),
         );
     }
-}
-
-fn summary(c: &Completion) -> (&'static str, u128, rust_decimal::Decimal) {
-    let outcome = match &c.finish {
-        Finish::Succeeded { .. } => "succeeded",
-        Finish::Retry { .. } => "retry",
-        Finish::Failed { .. } => "failed",
-        Finish::Released { .. } => "released",
-    };
-    (outcome, c.duration.as_millis(), c.record.cost_usd)
 }
 
 /// A job ended without halting: a pending probe passed, so claiming goes back to full speed.
@@ -651,7 +648,8 @@ async fn completion_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Completi
     }
 }
 
-/// Renews the leases of everything in flight, and the worker's heartbeat, on one timer.
+/// Renews the leases of everything in flight, and the worker's heartbeat, on one timer (and at
+/// once when claiming pauses).
 async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(shared.config.renew_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -659,6 +657,7 @@ async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = shared.heartbeat_now.notified() => {}
         }
         let held = shared.held();
         match shared
