@@ -143,6 +143,11 @@ const MIX: &[(&str, &str)] = &[
     ("[fault:sse-comments]", "succeeded"),
 ];
 
+/// id, prompt, state, image_urls, last_error
+type JobOutcome = (i64, String, String, Vec<String>, Option<String>);
+/// job_id, prompt, key, content_type, width, height, generation_id
+type StoredImage = (i64, String, String, String, i32, i32, String);
+
 const RATIOS: [&str; 4] = ["16:9", "1:1", "9:16", "21:9"];
 
 #[sqlx::test(migrator = "imagegen::MIGRATOR")]
@@ -201,7 +206,7 @@ async fn three_worker_processes_finish_a_mixed_batch_exactly_as_billed(
     }
 
     // Every job is in the state its faults call for.
-    let rows: Vec<(i64, String, String, Vec<String>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<JobOutcome> = sqlx::query_as(
         "SELECT id, prompt, state, image_urls, last_error FROM imagegen.jobs ORDER BY id",
     )
     .fetch_all(&db)
@@ -230,7 +235,7 @@ async fn three_worker_processes_finish_a_mixed_batch_exactly_as_billed(
         .into_iter()
         .map(|s| (s.generation_id.clone(), s))
         .collect();
-    let images: Vec<(i64, String, String, String, i32, i32, String)> = sqlx::query_as(
+    let images: Vec<StoredImage> = sqlx::query_as(
         "SELECT i.job_id, j.prompt, i.key, i.content_type, i.width, i.height, \
              (SELECT generation_id FROM imagegen.attempts a \
               WHERE a.job_id = i.job_id AND a.outcome = 'succeeded') \
