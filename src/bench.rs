@@ -153,6 +153,10 @@ pub struct BenchArgs {
     /// directory where there is no /dev/shm. A directory made by the bench is removed after.
     #[arg(long)]
     pub storage: Option<String>,
+    /// Answers the client buffers and decodes at once (pipeline); default: the client's own
+    /// default, as `imagegen worker` runs.
+    #[arg(long)]
+    pub max_concurrent_bodies: Option<usize>,
     /// Run the stand-in inside this process instead of as a child `imagegen fake-openrouter`
     /// (then peak RSS and CPU include the stand-in's).
     #[arg(long)]
@@ -186,6 +190,7 @@ impl Default for BenchArgs {
             rounds: DEFAULT_ROUNDS,
             image_bytes: DEFAULT_IMAGE_BYTES,
             storage: None,
+            max_concurrent_bodies: None,
             in_process_stand_in: false,
             enqueue_rows: DEFAULT_ENQUEUE_ROWS,
             imagegen_bin: None,
@@ -1019,6 +1024,8 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
             "image_bytes": args.image_bytes,
             "rounds": args.rounds,
             "stand_in": if args.in_process_stand_in { "in-process" } else { "child" },
+            "max_concurrent_bodies": args.max_concurrent_bodies
+                .unwrap_or(crate::openrouter::client::DEFAULT_MAX_CONCURRENT_BODIES),
             "storage": storage_location,
             "target_efficiency": TARGET_EFFICIENCY,
             "target_peak_rss_mib": TARGET_PEAK_RSS_MIB,
@@ -1051,7 +1058,11 @@ async fn pipeline_runs(
         .await
         .with_context(|| format!("storage check failed for {}", storage.describe()))?;
     // The real client with its defaults: the body permits bound memory, not concurrency.
-    let client = Client::new(ClientConfig::new(base_url, STAND_IN_KEY))?;
+    let mut config = ClientConfig::new(base_url, STAND_IN_KEY);
+    if let Some(n) = args.max_concurrent_bodies {
+        config.max_concurrent_bodies = n;
+    }
+    let client = Client::new(config)?;
 
     // One call first, so the stand-in has made its image before anything is timed.
     progress(args, "pipeline: warming the stand-in up (one call)");

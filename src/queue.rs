@@ -299,6 +299,13 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+// RUNNING_BY_ID: statements that find running jobs by id write the state check as
+// `(j.state = 'running') IS TRUE` (the same test: `state` is never null). A plain
+// `state = 'running'` lets the planner drive the join from the partial index
+// `jobs_running_lease_idx`, and when the statistics say few jobs run (they were gathered while the
+// queue was quiet) it does, comparing every running job with every id in the batch: measured 130 ms
+// to complete 500 jobs with 500 running, against 17 ms through the primary key.
+
 const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, priority, attempts, \
                            max_attempts, metadata, lease_owner, started_at";
 
@@ -420,12 +427,27 @@ impl Queue {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Batch conditions are written in only when the filter has them, never as
+        // `$n IS NULL OR ...`: Postgres caches a generic plan for a prepared statement, and with
+        // such conditions (or a batch equality) and no fresh statistics (a new table, or a burst
+        // of inserts after a quiet spell) it picks a bitmap scan of every pending row plus a sort
+        // over the ordered index scan: measured 8 ms a claim at 20,000 pending, growing with the
+        // queue. Without them the only plan is the ordered scan of `jobs_pending_idx`.
+        let mut conditions = String::new();
+        let mut next_param = 4;
+        if !filter.skip.is_empty() {
+            conditions.push_str(&format!(
+                " AND (batch IS NULL OR NOT batch = ANY(${next_param}::text[]))"
+            ));
+            next_param += 1;
+        }
+        if filter.only.is_some() {
+            conditions.push_str(&format!(" AND batch = ${next_param}::text"));
+        }
         let sql = format!(
             "WITH picked AS ( \
                  SELECT id FROM imagegen.jobs \
-                 WHERE state = 'pending' AND run_at <= now() \
-                   AND (cardinality($4::text[]) = 0 OR batch IS NULL OR NOT batch = ANY($4)) \
-                   AND ($5::text IS NULL OR batch = $5) \
+                 WHERE state = 'pending' AND run_at <= now(){conditions} \
                  ORDER BY priority DESC, run_at, id \
                  LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE imagegen.jobs j SET state = 'running', attempts = j.attempts + 1, \
@@ -440,14 +462,17 @@ impl Queue {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut jobs: Vec<Job> = sqlx::query_as(&sql)
+        let mut query = sqlx::query_as(&sql)
             .bind(worker)
             .bind(limit)
-            .bind(millis(lease))
-            .bind(&filter.skip)
-            .bind(&filter.only)
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(millis(lease));
+        if !filter.skip.is_empty() {
+            query = query.bind(&filter.skip);
+        }
+        if let Some(only) = &filter.only {
+            query = query.bind(only);
+        }
+        let mut jobs: Vec<Job> = query.fetch_all(&self.pool).await?;
         // RETURNING gives no order; hand jobs out in the order the claim chose them.
         jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
         Ok(jobs)
@@ -467,12 +492,13 @@ impl Queue {
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
         // No check on the expiry itself: as long as nobody rescued the job, this worker still
-        // holds it, even if a database outage let the lease run past its time.
+        // holds it, even if a database outage let the lease run past its time. `IS TRUE`: see
+        // RUNNING_BY_ID.
         let renewed = sqlx::query_scalar(
             "UPDATE imagegen.jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
              FROM UNNEST($2::bigint[], $3::int[]) AS h(id, attempt) \
              WHERE j.id = h.id AND j.attempts = h.attempt AND j.lease_owner = $1 \
-               AND j.state = 'running' \
+               AND (j.state = 'running') IS TRUE \
              RETURNING j.id",
         )
         .bind(worker)
@@ -544,6 +570,7 @@ impl Queue {
         }
         let images = ImageColumns::of(completions);
         // The fenced update; an attempts row, and the image rows, for exactly the jobs it changed.
+        // `IS TRUE`: see RUNNING_BY_ID.
         let applied: Vec<i64> = sqlx::query_scalar(
             "WITH c AS ( \
                  SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::int[], $4::text[], $5::text[], \
@@ -568,7 +595,8 @@ impl Queue {
                      finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN now() END, \
                      lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
                  FROM c \
-                 WHERE j.id = c.id AND j.state = 'running' AND j.lease_owner = c.worker \
+                 WHERE j.id = c.id AND (j.state = 'running') IS TRUE \
+                   AND j.lease_owner = c.worker \
                    AND j.attempts = c.attempt \
                  RETURNING j.id), \
              logged AS ( \

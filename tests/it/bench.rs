@@ -27,6 +27,7 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         rounds: 2,
         image_bytes: 20_000,
         storage: Some(images.path().display().to_string()),
+        max_concurrent_bodies: None,
         in_process_stand_in: false,
         enqueue_rows: 1_000,
         imagegen_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_imagegen"))),
