@@ -32,7 +32,7 @@ use clap::ValueEnum;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 use sqlx::migrate::MigrateDatabase;
-use sqlx::{PgPool, Postgres};
+use sqlx::{ConnectOptions, PgPool, Postgres};
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,9 @@ pub const DEFAULT_PIPELINE_CONCURRENCY: [usize; 3] = [64, 256, 1000];
 /// Each drain runs this many times and the median is reported: the machine is shared and
 /// single runs vary by tens of percent.
 pub const DEFAULT_REPEAT: usize = 3;
+/// Jobs of the uncounted drain that opens every measurement's pool, so connections, prepared
+/// statements and caches are warm before anything is timed.
+pub const WARMUP_JOBS: u64 = 1_000;
 /// Finished jobs already in the table for the growth scenario.
 pub const DEFAULT_HISTORY: u64 = 1_000_000;
 /// Single `INSERT`s timed by the wake-up scenario.
@@ -499,31 +502,53 @@ async fn drain(pool: &PgPool, n: u64, concurrency: usize) -> anyhow::Result<Drai
     })
 }
 
+/// A warm-up drain, then `args.repeat` timed drains at `concurrency` on `pool`; with `empty`,
+/// each on an empty table.
+async fn drain_series(
+    pool: &PgPool,
+    args: &BenchArgs,
+    concurrency: usize,
+    scenario: &str,
+    empty: bool,
+) -> anyhow::Result<DrainSeries> {
+    progress(
+        args,
+        format!("{scenario}: warm-up drain at concurrency {concurrency}"),
+    );
+    drain(pool, WARMUP_JOBS.min(args.jobs), concurrency).await?;
+    let mut series = DrainSeries {
+        concurrency,
+        runs: Vec::new(),
+    };
+    for i in 1..=args.repeat {
+        if empty {
+            sqlx::query("TRUNCATE imagegen.jobs CASCADE")
+                .execute(pool)
+                .await
+                .context("emptying the jobs table")?;
+        }
+        progress(
+            args,
+            format!(
+                "{scenario}: drain {i}/{} of {} jobs at concurrency {concurrency}",
+                args.repeat, args.jobs
+            ),
+        );
+        series.runs.push(drain(pool, args.jobs, concurrency).await?);
+    }
+    Ok(series)
+}
+
 async fn queue_scenario(
     bench: &BenchDb,
     args: &BenchArgs,
 ) -> anyhow::Result<(Report, Vec<DrainSeries>)> {
     let mut all = Vec::new();
     for c in concurrencies(args, &DEFAULT_QUEUE_CONCURRENCY) {
-        let mut series = DrainSeries {
-            concurrency: c,
-            runs: Vec::new(),
-        };
-        for i in 1..=args.repeat {
-            progress(
-                args,
-                format!(
-                    "queue: drain {i}/{} of {} jobs at concurrency {c}",
-                    args.repeat, args.jobs
-                ),
-            );
-            // Each run on an empty table: the growth scenario measures the other case.
-            let pool = bench.fresh(worker_pool_size(c)).await?;
-            let run = drain(&pool, args.jobs, c).await;
-            pool.close().await;
-            series.runs.push(run?);
-        }
-        all.push(series);
+        let pool = bench.fresh(worker_pool_size(c)).await?;
+        let series = drain_series(&pool, args, c, "queue", true).await;
+        pool.close().await;
+        all.push(series?);
     }
     let best = all.iter().map(DrainSeries::median).fold(0.0, f64::max);
     let mut rows: Vec<Row> = all
@@ -557,7 +582,7 @@ async fn queue_scenario(
         scenario: "queue",
         title: format!(
             "{} no-op jobs inserted in one statement, drained by one worker; median of {} run(s) \
-             on an empty table",
+             on an empty table, after an uncounted warm-up drain",
             thousands(args.jobs as f64),
             args.repeat
         ),
@@ -575,8 +600,11 @@ async fn queue_scenario(
 }
 
 /// Fills the tables with `n` finished jobs (one statement), one attempt row each (another), then
-/// vacuums and analyzes, as a long-lived installation's autovacuum would have.
-async fn insert_history(pool: &PgPool, n: u64) -> anyhow::Result<()> {
+/// vacuums and analyzes, as a long-lived installation's autovacuum would have. On a connection of
+/// its own that does not log these (expectedly) slow statements.
+async fn insert_history(url: &str, n: u64) -> anyhow::Result<()> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let mut conn = options.disable_statement_logging().connect().await?;
     sqlx::query(
         "INSERT INTO imagegen.jobs (prompt, batch, state, attempts, image_urls, prompt_tokens, \
              completion_tokens, cost_usd, run_at, created_at, started_at, finished_at, \
@@ -590,7 +618,7 @@ async fn insert_history(pool: &PgPool, n: u64) -> anyhow::Result<()> {
              LATERAL (SELECT now() - interval '30 days' + g * interval '2 seconds' AS t) AS ts",
     )
     .bind(i64::try_from(n).unwrap_or(i64::MAX))
-    .execute(pool)
+    .execute(&mut conn)
     .await
     .context("inserting finished jobs")?;
     sqlx::query(
@@ -601,14 +629,14 @@ async fn insert_history(pool: &PgPool, n: u64) -> anyhow::Result<()> {
              state, 200, prompt_tokens, completion_tokens, 1290, cost_usd, 20000 \
          FROM imagegen.jobs",
     )
-    .execute(pool)
+    .execute(&mut conn)
     .await
     .context("inserting attempt rows")?;
     sqlx::query("VACUUM (ANALYZE) imagegen.jobs")
-        .execute(pool)
+        .execute(&mut conn)
         .await?;
     sqlx::query("VACUUM (ANALYZE) imagegen.attempts")
-        .execute(pool)
+        .execute(&mut conn)
         .await?;
     Ok(())
 }
@@ -619,7 +647,6 @@ async fn growth_scenario(
     empty: Option<Vec<DrainSeries>>,
 ) -> anyhow::Result<Report> {
     let cs = concurrencies(args, &DEFAULT_QUEUE_CONCURRENCY);
-    let max_c = cs.iter().copied().max().unwrap_or(1);
     let empty = match empty {
         Some(e) => e,
         None => queue_scenario(bench, args).await?.1,
@@ -631,34 +658,17 @@ async fn growth_scenario(
             thousands(args.history as f64)
         ),
     );
-    let pool = bench.fresh(worker_pool_size(max_c)).await?;
     let setup = Instant::now();
-    let result = async {
-        insert_history(&pool, args.history).await?;
-        let setup_s = setup.elapsed().as_secs_f64();
-        let mut all = Vec::new();
-        for &c in &cs {
-            let mut series = DrainSeries {
-                concurrency: c,
-                runs: Vec::new(),
-            };
-            for i in 1..=args.repeat {
-                progress(
-                    args,
-                    format!(
-                        "growth: drain {i}/{} of {} jobs at concurrency {c}",
-                        args.repeat, args.jobs
-                    ),
-                );
-                series.runs.push(drain(&pool, args.jobs, c).await?);
-            }
-            all.push(series);
-        }
-        anyhow::Ok((setup_s, all))
+    bench.fresh(2).await?.close().await;
+    insert_history(&bench.url, args.history).await?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    let mut with_history = Vec::new();
+    for &c in &cs {
+        let pool = db::connect(&bench.url, worker_pool_size(c)).await?;
+        let series = drain_series(&pool, args, c, "growth", false).await;
+        pool.close().await;
+        with_history.push(series?);
     }
-    .await;
-    pool.close().await;
-    let (setup_s, with_history) = result?;
 
     let mut rows = Vec::new();
     let mut runs = Vec::new();
@@ -706,8 +716,9 @@ async fn growth_scenario(
     Ok(Report {
         scenario: "growth",
         title: format!(
-            "the same drain with {} finished jobs and their attempt rows already in the tables; \
-             median of {} run(s)",
+            "the same drain with {} finished jobs and their attempt rows already in the tables \
+             (vacuumed and analyzed), against the queue scenario's empty-table rate; median of {} \
+             run(s)",
             thousands(args.history as f64),
             args.repeat
         ),

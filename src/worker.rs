@@ -323,14 +323,19 @@ impl<H: Handler> Worker<H> {
                 }
             }
             if limit == 0 {
-                // All slots busy: wait for one to free up. Then yield once, so the other jobs
-                // that are finishing right now give theirs back too and the next claim takes
-                // them all in one statement instead of one row each.
+                // All slots busy: wait for one to free up. A probe waits for its job to end
+                // instead: its slot is free as soon as the result is queued.
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'claiming,
-                    _ = slots.acquire() => tokio::task::yield_now().await,
+                    _ = slots.acquire(), if slots.available_permits() == 0 => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }
                 continue;
+            }
+            if limit < cfg.concurrency && pause.is_none() {
+                // Let the other jobs finishing right now give their slots back too, so the next
+                // claim takes them all in one statement instead of a few rows each.
+                limit = settle(&slots).await;
             }
             // Only this loop takes permits, so all `limit` are free.
             let Ok(mut permits) = slots
@@ -571,6 +576,20 @@ fn summary(c: &Completion) -> (&'static str, u128, rust_decimal::Decimal) {
         Finish::Released { .. } => "released",
     };
     (outcome, c.duration.as_millis(), c.record.cost_usd)
+}
+
+/// Yields while jobs keep giving slots back, and returns how many are free. Bounded: each round
+/// needs another slot freed.
+async fn settle(slots: &Semaphore) -> usize {
+    let mut free = slots.available_permits();
+    loop {
+        tokio::task::yield_now().await;
+        let now = slots.available_permits();
+        if now == free {
+            return free;
+        }
+        free = now;
+    }
 }
 
 /// A job ended without halting: a pending probe passed, so claiming goes back to full speed.
