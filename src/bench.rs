@@ -14,8 +14,10 @@
 //! - `enqueue`: rows per second of a bulk enqueue through `imagegen enqueue --file` and through
 //!   one SQL statement.
 //!
-//! Benchmarks never touch the user's database: each run drops and recreates its own database
-//! ([`DEFAULT_BENCH_DATABASE`], on the server `DATABASE_URL` points at) and drops it at the end.
+//! Benchmarks never touch the user's database: each measurement starts from a freshly created
+//! database of their own ([`DEFAULT_BENCH_DATABASE`], on the server `DATABASE_URL` points at),
+//! dropped at the end. Drains are timed after an uncounted warm-up drain on the same connections,
+//! and repeated ([`DEFAULT_REPEAT`]) for a median: the machine they run on is usually shared.
 //! The SQL in this module plays the application's side (plain `INSERT`s, as the README's
 //! contract says) and builds fixtures (finished history); every worker-side transition goes
 //! through [`crate::queue`].
