@@ -10,6 +10,11 @@ demo:
 test *ARGS:
     scripts/test {{ARGS}}
 
+# Every benchmark, figures beside their targets (the README's Performance section); extra flags
+# pass through, e.g. `just bench --json`. Per-job info logs are off unless RUST_LOG says otherwise.
+bench *ARGS:
+    RUST_LOG="${RUST_LOG:-warn}" cargo run --release -- bench all {{ARGS}}
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --check

@@ -16,8 +16,10 @@
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
+//! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
 
+pub mod bench;
 pub mod db;
 pub mod demo;
 pub mod error;

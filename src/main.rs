@@ -120,6 +120,8 @@ enum Command {
     Budget(BudgetCommand),
     /// Run the local stand-in for OpenRouter (development and benchmarks only).
     FakeOpenrouter(imagegen::openrouter::fake::FakeArgs),
+    /// Benchmarks against the local Postgres and the stand-in, in their own database.
+    Bench(imagegen::bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -328,6 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
+        Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {

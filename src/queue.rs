@@ -319,6 +319,13 @@ pub struct Enqueued {
     pub created: bool,
 }
 
+// RUNNING_BY_ID: statements that find running jobs by id write the state check as
+// `(j.state = 'running') IS TRUE` (the same test: `state` is never null). A plain
+// `state = 'running'` lets the planner drive the join from the partial index
+// `jobs_running_lease_idx`, and when the statistics say few jobs run (they were gathered while the
+// queue was quiet) it does, comparing every running job with every id in the batch: measured 130 ms
+// to complete 500 jobs with 500 running, against 17 ms through the primary key.
+
 const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, priority, attempts, \
                            max_attempts, metadata, lease_owner, started_at";
 
@@ -440,12 +447,27 @@ impl Queue {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        // Batch conditions are written in only when the filter has them, never as
+        // `$n IS NULL OR ...`: Postgres caches a generic plan for a prepared statement, and with
+        // such conditions (or a batch equality) and no fresh statistics (a new table, or a burst
+        // of inserts after a quiet spell) it picks a bitmap scan of every pending row plus a sort
+        // over the ordered index scan: measured 8 ms a claim at 20,000 pending, growing with the
+        // queue. Without them the only plan is the ordered scan of `jobs_pending_idx`.
+        let mut conditions = String::new();
+        let mut next_param = 4;
+        if !filter.skip.is_empty() {
+            conditions.push_str(&format!(
+                " AND (batch IS NULL OR NOT batch = ANY(${next_param}::text[]))"
+            ));
+            next_param += 1;
+        }
+        if filter.only.is_some() {
+            conditions.push_str(&format!(" AND batch = ${next_param}::text"));
+        }
         let sql = format!(
             "WITH picked AS ( \
                  SELECT id FROM imagegen.jobs \
-                 WHERE state = 'pending' AND run_at <= now() \
-                   AND (cardinality($4::text[]) = 0 OR batch IS NULL OR NOT batch = ANY($4)) \
-                   AND ($5::text IS NULL OR batch = $5) \
+                 WHERE state = 'pending' AND run_at <= now(){conditions} \
                  ORDER BY priority DESC, run_at, id \
                  LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE imagegen.jobs j SET state = 'running', attempts = j.attempts + 1, \
@@ -460,14 +482,17 @@ impl Queue {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let mut jobs: Vec<Job> = sqlx::query_as(&sql)
+        let mut query = sqlx::query_as(&sql)
             .bind(worker)
             .bind(limit)
-            .bind(millis(lease))
-            .bind(&filter.skip)
-            .bind(&filter.only)
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(millis(lease));
+        if !filter.skip.is_empty() {
+            query = query.bind(&filter.skip);
+        }
+        if let Some(only) = &filter.only {
+            query = query.bind(only);
+        }
+        let mut jobs: Vec<Job> = query.fetch_all(&self.pool).await?;
         // RETURNING gives no order; hand jobs out in the order the claim chose them.
         jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
         Ok(jobs)
@@ -487,12 +512,13 @@ impl Queue {
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
         // No check on the expiry itself: as long as nobody rescued the job, this worker still
-        // holds it, even if a database outage let the lease run past its time.
+        // holds it, even if a database outage let the lease run past its time. `IS TRUE`: see
+        // RUNNING_BY_ID.
         let renewed = sqlx::query_scalar(
             "UPDATE imagegen.jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
              FROM UNNEST($2::bigint[], $3::int[]) AS h(id, attempt) \
              WHERE j.id = h.id AND j.attempts = h.attempt AND j.lease_owner = $1 \
-               AND j.state = 'running' \
+               AND (j.state = 'running') IS TRUE \
              RETURNING j.id",
         )
         .bind(worker)
@@ -511,6 +537,10 @@ impl Queue {
     /// On the job: state, attempts (given back for a release), last error, URLs, and tokens and
     /// cost *added* to what earlier attempts billed. One `imagegen.attempts` row per applied
     /// completion, and the `imagegen.images` rows of succeeded ones.
+    ///
+    /// All of it is one statement (data-modifying CTEs), so it is atomic without an explicit
+    /// transaction: one round trip and one commit per batch, which is what lets the completion
+    /// writer keep up with thousands of short jobs a second.
     pub async fn complete(&self, completions: &[Completion]) -> Result<Vec<bool>> {
         if completions.is_empty() {
             return Ok(Vec::new());
@@ -561,8 +591,9 @@ impl Queue {
             costs.push(c.record.cost_usd);
             gens.push(c.record.generation_id.clone());
         }
-        let mut tx = self.pool.begin().await?;
-        // One statement: the fenced update, and an attempts row for exactly the rows it changed.
+        let images = ImageColumns::of(completions);
+        // The fenced update; an attempts row, and the image rows, for exactly the jobs it changed.
+        // `IS TRUE`: see RUNNING_BY_ID.
         let applied: Vec<i64> = sqlx::query_scalar(
             "WITH c AS ( \
                  SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::int[], $4::text[], $5::text[], \
@@ -588,7 +619,8 @@ impl Queue {
                      lease_owner = NULL, lease_expires_at = NULL, reserved_usd = NULL, \
                      updated_at = now() \
                  FROM c \
-                 WHERE j.id = c.id AND j.state = 'running' AND j.lease_owner = c.worker \
+                 WHERE j.id = c.id AND (j.state = 'running') IS TRUE \
+                   AND j.lease_owner = c.worker \
                    AND j.attempts = c.attempt \
                  RETURNING j.id), \
              logged AS ( \
@@ -597,7 +629,17 @@ impl Queue {
                      generation_id, duration_ms) \
                  SELECT c.id, c.attempt, c.worker, c.started, c.outcome, c.error, c.status, c.ptok, \
                      c.ctok, c.itok, c.cost, c.gen, c.duration_ms \
-                 FROM c JOIN done ON done.id = c.id) \
+                 FROM c JOIN done ON done.id = c.id), \
+             stored AS ( \
+                 INSERT INTO imagegen.images (job_id, idx, key, url, content_type, bytes, width, \
+                     height, sha256) \
+                 SELECT i.* FROM UNNEST($18::bigint[], $19::int[], $20::text[], $21::text[], \
+                     $22::text[], $23::bigint[], $24::int[], $25::int[], $26::text[]) \
+                     AS i(job_id, idx, key, url, content_type, bytes, width, height, sha256) \
+                 JOIN done ON done.id = i.job_id \
+                 ON CONFLICT (job_id, idx) DO UPDATE SET key = EXCLUDED.key, url = EXCLUDED.url, \
+                     content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes, \
+                     width = EXCLUDED.width, height = EXCLUDED.height, sha256 = EXCLUDED.sha256) \
              SELECT id FROM done",
         )
         .bind(&ids)
@@ -617,10 +659,18 @@ impl Queue {
         .bind(&itoks)
         .bind(&costs)
         .bind(&gens)
-        .fetch_all(&mut *tx)
+        .bind(&images.job_ids)
+        .bind(&images.idx)
+        .bind(&images.keys)
+        .bind(&images.urls)
+        .bind(&images.types)
+        .bind(&images.sizes)
+        .bind(&images.widths)
+        .bind(&images.heights)
+        .bind(&images.hashes)
+        .fetch_all(&self.pool)
         .await?;
-        insert_images(&mut tx, completions, &applied).await?;
-        tx.commit().await?;
+        let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
         Ok(completions
             .iter()
             .map(|c| applied.contains(&c.job_id))
@@ -1054,60 +1104,41 @@ impl Queue {
     }
 }
 
-/// Inserts the image rows of the succeeded completions that were applied.
-async fn insert_images(
-    tx: &mut Transaction<'_, Postgres>,
-    completions: &[Completion],
-    applied: &[i64],
-) -> Result<()> {
-    let mut job_ids = Vec::new();
-    let mut idx = Vec::new();
-    let mut keys = Vec::new();
-    let mut urls = Vec::new();
-    let mut types = Vec::new();
-    let mut sizes = Vec::new();
-    let mut widths = Vec::new();
-    let mut heights = Vec::new();
-    let mut hashes = Vec::new();
-    for c in completions.iter().filter(|c| applied.contains(&c.job_id)) {
-        if let Finish::Succeeded { images, .. } = &c.finish {
-            for i in images {
-                job_ids.push(c.job_id);
-                idx.push(i.index);
-                keys.push(i.key.as_str());
-                urls.push(i.url.as_str());
-                types.push(i.content_type.as_str());
-                sizes.push(i.bytes);
-                widths.push(i.width);
-                heights.push(i.height);
-                hashes.push(i.sha256.as_str());
+/// The image rows of succeeded completions, as columns for `UNNEST`. The statement keeps only
+/// those of completions it applied.
+#[derive(Default)]
+struct ImageColumns<'a> {
+    job_ids: Vec<i64>,
+    idx: Vec<i32>,
+    keys: Vec<&'a str>,
+    urls: Vec<&'a str>,
+    types: Vec<&'a str>,
+    sizes: Vec<i64>,
+    widths: Vec<i32>,
+    heights: Vec<i32>,
+    hashes: Vec<&'a str>,
+}
+
+impl<'a> ImageColumns<'a> {
+    fn of(completions: &'a [Completion]) -> Self {
+        let mut cols = ImageColumns::default();
+        for c in completions {
+            if let Finish::Succeeded { images, .. } = &c.finish {
+                for i in images {
+                    cols.job_ids.push(c.job_id);
+                    cols.idx.push(i.index);
+                    cols.keys.push(&i.key);
+                    cols.urls.push(&i.url);
+                    cols.types.push(&i.content_type);
+                    cols.sizes.push(i.bytes);
+                    cols.widths.push(i.width);
+                    cols.heights.push(i.height);
+                    cols.hashes.push(&i.sha256);
+                }
             }
         }
+        cols
     }
-    if job_ids.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO imagegen.images (job_id, idx, key, url, content_type, bytes, width, height, \
-             sha256) \
-         SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], \
-             $6::bigint[], $7::int[], $8::int[], $9::text[]) \
-         ON CONFLICT (job_id, idx) DO UPDATE SET key = EXCLUDED.key, url = EXCLUDED.url, \
-             content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes, \
-             width = EXCLUDED.width, height = EXCLUDED.height, sha256 = EXCLUDED.sha256",
-    )
-    .bind(&job_ids)
-    .bind(&idx)
-    .bind(&keys)
-    .bind(&urls)
-    .bind(&types)
-    .bind(&sizes)
-    .bind(&widths)
-    .bind(&heights)
-    .bind(&hashes)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<()> {

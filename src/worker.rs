@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -173,6 +173,11 @@ struct InFlight {
     attempt: i32,
     started_at: DateTime<Utc>,
     started: Instant,
+    /// Its result is queued for the completion writer: a renewal that misses it has most
+    /// likely raced with the write, not lost the lease (the writer reports a real loss), and
+    /// shutdown must not also queue a release for it (one statement cannot apply two
+    /// completions of the same job in a known order).
+    finishing: bool,
 }
 
 type Ack = oneshot::Sender<Result<bool, QueueError>>;
@@ -309,15 +314,22 @@ impl<H: Handler> Worker<H> {
         let rescuer = tokio::spawn(rescue_loop(shared.clone(), background.clone()));
 
         let mut tasks: JoinSet<()> = JoinSet::new();
+        // One permit per slot. A job holds its permit while its handler runs and gives it back
+        // once its result is queued for the completion writer, not when the write commits: the
+        // slot bounds work in progress, and the lease (still renewed until the write) keeps the
+        // job fenced meanwhile. So the next claim overlaps the previous batch's write, and the
+        // writer's queue (bounded) is what pushes back if the database falls behind.
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let mut db_failures: u32 = 0;
 
         'claiming: loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            while tasks.try_join_next().is_some() {}
             // Paused (halt or provider cool-down)?
             let pause = lock(&shared.pause).clone();
-            let mut limit = cfg.concurrency.saturating_sub(tasks.len());
+            let mut limit = slots.available_permits();
             if let Some(p) = &pause {
                 if p.until > Instant::now() {
                     tokio::select! {
@@ -337,13 +349,27 @@ impl<H: Handler> Worker<H> {
                 }
             }
             if limit == 0 {
-                // All slots busy: wait for one to free up.
+                // All slots busy: wait for one to free up. A probe waits for its job to end
+                // instead: its slot is free as soon as the result is queued.
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'claiming,
-                    Some(_) = tasks.join_next() => {}
+                    _ = slots.acquire(), if slots.available_permits() == 0 => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }
                 continue;
             }
+            if limit < cfg.concurrency && pause.is_none() {
+                // Let the other jobs finishing right now give their slots back too, so the next
+                // claim takes them all in one statement instead of a few rows each.
+                limit = settle(&slots).await;
+            }
+            // Only this loop takes permits, so all `limit` are free.
+            let Ok(mut permits) = slots
+                .clone()
+                .try_acquire_many_owned(u32::try_from(limit).unwrap_or(u32::MAX))
+            else {
+                continue;
+            };
 
             let claimed = match shared
                 .queue
@@ -381,8 +407,10 @@ impl<H: Handler> Worker<H> {
                 });
             }
             for job in claimed {
-                self.spawn_job(&mut tasks, job, done_tx.clone());
+                let permit = permits.split(1);
+                self.spawn_job(&mut tasks, job, permit, done_tx.clone());
             }
+            drop(permits); // the slots this claim found no job for
             shared.status.send_modify(|s| s.in_flight = tasks.len());
             if got == limit {
                 continue; // Maybe more is due: claim again while slots are free.
@@ -465,7 +493,13 @@ impl<H: Handler> Worker<H> {
         Ok(())
     }
 
-    fn spawn_job(&self, tasks: &mut JoinSet<()>, job: Job, done: mpsc::Sender<(Completion, Ack)>) {
+    fn spawn_job(
+        &self,
+        tasks: &mut JoinSet<()>,
+        job: Job,
+        slot: Option<OwnedSemaphorePermit>,
+        done: mpsc::Sender<(Completion, Ack)>,
+    ) {
         let shared = self.shared.clone();
         let handler = self.handler.clone();
         let started = Instant::now();
@@ -476,6 +510,7 @@ impl<H: Handler> Worker<H> {
                 attempt: job.attempts,
                 started_at,
                 started,
+                finishing: false,
             },
         );
         let span = info_span!("job", job_id = job.id, batch = job.batch.as_deref().unwrap_or(""),
@@ -525,7 +560,16 @@ impl<H: Handler> Worker<H> {
                 let (outcome, duration_ms) = (completion.finish.outcome(), completion.duration.as_millis());
                 let billed = completion.record.clone();
                 let (ack_tx, ack_rx) = oneshot::channel();
-                if done.send((completion, ack_tx)).await.is_err() {
+                let queued = done.send((completion, ack_tx)).await;
+                if queued.is_ok() {
+                    // No await between the send and this mark: an abort at shutdown sees
+                    // either an unsent result (released) or a queued one (written).
+                    if let Some(f) = lock(&shared.in_flight).get_mut(&job.id) {
+                        f.finishing = true;
+                    }
+                }
+                drop(slot);
+                if queued.is_err() {
                     error!("completion writer gone; the lease will expire and the job be rescued");
                     return;
                 }
@@ -553,6 +597,20 @@ impl<H: Handler> Worker<H> {
     }
 }
 
+/// Yields while jobs keep giving slots back, and returns how many are free. Bounded: each round
+/// needs another slot freed.
+async fn settle(slots: &Semaphore) -> usize {
+    let mut free = slots.available_permits();
+    loop {
+        tokio::task::yield_now().await;
+        let now = slots.available_permits();
+        if now == free {
+            return free;
+        }
+        free = now;
+    }
+}
+
 /// A job ended without halting: a pending probe passed, so claiming goes back to full speed.
 fn probe_passed(shared: &Shared) {
     let mut pause = lock(&shared.pause);
@@ -567,7 +625,10 @@ fn probe_passed(shared: &Shared) {
 }
 
 async fn release_unfinished(shared: &Shared, done: &mpsc::Sender<(Completion, Ack)>) {
-    let unfinished: Vec<(i64, InFlight)> = lock(&shared.in_flight).drain().collect();
+    let unfinished: Vec<(i64, InFlight)> = lock(&shared.in_flight)
+        .drain()
+        .filter(|(_, f)| !f.finishing)
+        .collect();
     for (id, f) in unfinished {
         let (ack, rx) = oneshot::channel();
         let completion = Completion {
@@ -602,15 +663,8 @@ async fn release_unfinished(shared: &Shared, done: &mpsc::Sender<(Completion, Ac
 /// retried with backoff: a result is only dropped if its lease is lost meanwhile.
 async fn completion_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Completion, Ack)>) {
     let mut batch: Vec<(Completion, Ack)> = Vec::with_capacity(MAX_COMPLETION_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_COMPLETION_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let completions: Vec<Completion> = batch.iter().map(|(c, _)| c.clone()).collect();
+    while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
+        let (completions, acks): (Vec<Completion>, Vec<Ack>) = batch.drain(..).unzip();
         let mut failures = 0;
         let applied = loop {
             match shared.queue.complete(&completions).await {
@@ -632,13 +686,13 @@ async fn completion_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Completi
         };
         match applied {
             Ok(applied) => {
-                for ((_, ack), ok) in batch.drain(..).zip(applied) {
+                for (ack, ok) in acks.into_iter().zip(applied) {
                     let _ = ack.send(Ok(ok));
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
-                for (_, ack) in batch.drain(..) {
+                for ack in acks {
                     let _ = ack.send(Err(QueueError::Database(sqlx::Error::Protocol(
                         msg.clone(),
                     ))));
@@ -671,11 +725,12 @@ async fn renew_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     .map(|(id, _)| *id)
                     .filter(|id| !renewed.contains(id))
                     .collect();
-                // Finished jobs race with this renewal; only leases still in flight are lost.
+                // Finished jobs race with this renewal; only leases of jobs still running are
+                // lost (a job whose result is being written reports its own loss, if any).
                 let still: Vec<i64> = {
                     let in_flight = lock(&shared.in_flight);
                     lost.into_iter()
-                        .filter(|id| in_flight.contains_key(id))
+                        .filter(|id| in_flight.get(id).is_some_and(|f| !f.finishing))
                         .collect()
                 };
                 if !still.is_empty() {
