@@ -587,3 +587,66 @@ async fn out_of_credits_pauses_and_resumes_without_spending_attempts(pool: PgPoo
     assert_eq!(halted, 3);
     assert_eq!(fake.calls(), 9);
 }
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn a_lost_final_write_is_finished_from_storage_without_a_new_call(pool: PgPool) {
+    use imagegen::queue::ClaimFilter;
+    use imagegen::worker::Handler;
+
+    let fake = FakeServer::start(FakeConfig {
+        image_bytes: 30_000,
+        api_key: Some(KEY.into()),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let location = s3_location();
+    let storage = open_s3_at(&S3.endpoint, &location).await.unwrap();
+    let queue = Queue::new(pool.clone());
+    queue
+        .enqueue(&NewJob {
+            prompt: "a paid image whose row was never written".into(),
+            batch: Some("lost-writes".into()),
+            ..NewJob::default()
+        })
+        .await
+        .unwrap();
+    let pipeline = pipeline(&fake, storage, queue.clone(), PipelineConfig::default());
+    let lease = Duration::from_secs(60);
+
+    // Attempt 1 calls the model and uploads, but its result never reaches the database (the
+    // worker died before the write): the lease expires and the job is rescued.
+    let first = queue
+        .claim(uuid::Uuid::new_v4(), 1, lease, &ClaimFilter::default())
+        .await
+        .unwrap()
+        .remove(0);
+    let paid = pipeline.handle(first).await.expect("attempt 1 succeeds");
+    assert_eq!(fake.calls(), 1);
+    sqlx::query("UPDATE imagegen.jobs SET lease_expires_at = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(queue.rescue_expired(10).await.unwrap(), 1);
+
+    // Attempt 2 finds the images in storage and records them without calling the model.
+    let second = queue
+        .claim(uuid::Uuid::new_v4(), 1, lease, &ClaimFilter::default())
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(second.attempts, 2);
+    let recovered = pipeline.handle(second).await.expect("attempt 2 succeeds");
+    assert_eq!(
+        fake.calls(),
+        1,
+        "no second call for an image already paid for"
+    );
+    assert_eq!(recovered.image_urls, paid.image_urls);
+    assert_eq!(recovered.images[0].sha256, paid.images[0].sha256);
+    assert_eq!(
+        recovered.record.cost_usd,
+        Decimal::ZERO,
+        "nothing billed twice"
+    );
+}
