@@ -44,19 +44,6 @@ pub struct Pipeline {
     daily_budget: Option<Decimal>,
 }
 
-/// What a call is expected to cost before it is made, in USD: the image tokens at the model's
-/// price (shared/openrouter.md), rounded up. Budgets count in-flight calls at this price.
-pub fn expected_cost(model: &str, image_size: Option<&str>) -> Decimal {
-    if model == models::PRO_IMAGE {
-        match image_size {
-            Some("4K") => Decimal::new(25, 2),
-            _ => Decimal::new(14, 2),
-        }
-    } else {
-        Decimal::new(4, 2)
-    }
-}
-
 impl Pipeline {
     pub fn new(client: Client, storage: Storage, queue: Queue, config: PipelineConfig) -> Self {
         let limiter = config
@@ -78,7 +65,7 @@ impl Pipeline {
     /// Refuses to start a call that could take a budget past its limit; otherwise reserves
     /// the call's expected cost until the attempt ends.
     async fn check_budgets(&self, job: &Job) -> Result<(), Failure> {
-        let expected = expected_cost(&job.model, job.image_size.as_deref());
+        let expected = models::expected_cost(&job.model, job.image_size.as_deref());
         let reservation = self
             .queue
             .reserve(job, expected, self.daily_budget)

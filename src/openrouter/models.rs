@@ -2,6 +2,8 @@
 //! the pixel dimensions each combination produces (shared by the client's request validation and
 //! the stand-in's answers).
 
+use rust_decimal::Decimal;
+
 /// Nano Banana: the fast, cheap image model.
 pub const FLASH_IMAGE: &str = "google/gemini-2.5-flash-image";
 /// Nano Banana Pro: slower and dearer, with 2K and 4K output.
@@ -45,6 +47,62 @@ const PRO_DIMENSIONS_1K: [(u32, u32); 10] = [
     (1584, 672),
 ];
 
+/// Per-million-token prices in USD (shared/openrouter.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input: Decimal,
+    /// Text and reasoning output.
+    pub text_out: Decimal,
+    pub image_out: Decimal,
+}
+
+const FLASH_PRICE: Price = Price {
+    input: Decimal::from_parts(30, 0, 0, false, 2),
+    text_out: Decimal::from_parts(250, 0, 0, false, 2),
+    image_out: Decimal::from_parts(30, 0, 0, false, 0),
+};
+
+const PRO_PRICE: Price = Price {
+    input: Decimal::from_parts(2, 0, 0, false, 0),
+    text_out: Decimal::from_parts(12, 0, 0, false, 0),
+    image_out: Decimal::from_parts(120, 0, 0, false, 0),
+};
+
+/// The price of a known model.
+pub fn price(model: &str) -> Option<Price> {
+    match model {
+        FLASH_IMAGE => Some(FLASH_PRICE),
+        PRO_IMAGE => Some(PRO_PRICE),
+        _ => None,
+    }
+}
+
+/// Image tokens billed for one image: 1290 for flash; 1120 for pro at 1K/2K, 2000 at 4K.
+pub fn image_tokens(model: &str, image_size: Option<&str>) -> i64 {
+    match (model, image_size) {
+        (PRO_IMAGE, Some("4K")) => 2000,
+        (PRO_IMAGE, _) => 1120,
+        _ => 1290,
+    }
+}
+
+/// Text and reasoning tokens allowed for in an estimate: a few hundred are seen in practice.
+const ESTIMATED_TEXT_TOKENS: i64 = 500;
+
+/// What one call is expected to cost before it is made, in USD: its image tokens and
+/// [`ESTIMATED_TEXT_TOKENS`] at the model's prices, rounded up to the cent. Budgets count calls
+/// in flight at this price. An unknown model is estimated as the dearest known call (pro at 4K).
+pub fn expected_cost(model: &str, image_size: Option<&str>) -> Decimal {
+    let (model, image_size, p) = match price(model) {
+        Some(p) => (model, image_size, p),
+        None => (PRO_IMAGE, Some("4K"), PRO_PRICE),
+    };
+    let per_million = Decimal::from(image_tokens(model, image_size)) * p.image_out
+        + Decimal::from(ESTIMATED_TEXT_TOKENS) * p.text_out;
+    (per_million / Decimal::from(1_000_000))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::AwayFromZero)
+}
+
 /// True for an aspect ratio OpenRouter accepts.
 pub fn is_valid_aspect_ratio(ratio: &str) -> bool {
     ASPECT_RATIOS.contains(&ratio)
@@ -80,6 +138,14 @@ pub fn dimensions(model: &str, aspect_ratio: &str, image_size: Option<&str>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expected_costs_cover_the_image_and_some_text() {
+        assert_eq!(expected_cost(FLASH_IMAGE, None), Decimal::new(4, 2));
+        assert_eq!(expected_cost(PRO_IMAGE, Some("2K")), Decimal::new(15, 2));
+        assert_eq!(expected_cost(PRO_IMAGE, Some("4K")), Decimal::new(25, 2));
+        assert_eq!(expected_cost("vendor/unknown", None), Decimal::new(25, 2));
+    }
 
     #[test]
     fn dimensions_follow_the_tables() {

@@ -63,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 use crate::image::ImageFormat;
 
 use self::images::{ImageCache, ImageKey, target_bytes};
-use super::models;
+use super::models::{self, Price};
 pub use faults::{Fault, Step};
 
 /// Size of the 1K 16:9 PNG, like a real flash answer (1-1.5 MB).
@@ -448,7 +448,7 @@ async fn chat_completions(
     let Some(model) = request.get("model").and_then(Value::as_str) else {
         return openrouter_error(400, "No model specified", None);
     };
-    if pricing(model).is_none() {
+    if models::price(model).is_none() {
         return openrouter_error(400, &format!("{model} is not a valid model ID"), None);
     }
     let Some(prompt) = prompt_of(&request) else {
@@ -604,30 +604,6 @@ struct Answer {
     billing: Option<Billing>,
 }
 
-/// Per-million-token prices in USD.
-#[derive(Debug, Clone, Copy)]
-struct Pricing {
-    input: Decimal,
-    text_out: Decimal,
-    image_out: Decimal,
-}
-
-fn pricing(model: &str) -> Option<Pricing> {
-    match model {
-        models::FLASH_IMAGE => Some(Pricing {
-            input: Decimal::new(30, 2),
-            text_out: Decimal::new(250, 2),
-            image_out: Decimal::new(30, 0),
-        }),
-        models::PRO_IMAGE => Some(Pricing {
-            input: Decimal::new(2, 0),
-            text_out: Decimal::new(12, 0),
-            image_out: Decimal::new(120, 0),
-        }),
-        _ => None,
-    }
-}
-
 /// Token counts of one answer.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tokens {
@@ -638,7 +614,7 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn cost(self, p: Pricing) -> Decimal {
+    fn cost(self, p: Price) -> Decimal {
         let per_million = Decimal::from(self.prompt) * p.input
             + Decimal::from(self.text + self.reasoning) * p.text_out
             + Decimal::from(self.image) * p.image_out;
@@ -666,14 +642,6 @@ fn prompt_tokens(prompt: &str) -> i64 {
     (prompt.chars().count() as i64 + 3) / 4
 }
 
-fn image_tokens(model: &str, tier: &str) -> i64 {
-    match (model, tier) {
-        (models::PRO_IMAGE, "4K") => 2000,
-        (models::PRO_IMAGE, _) => 1120,
-        _ => 1290,
-    }
-}
-
 const COST_MARKER: &str = "@@COST@@";
 
 fn image_marker(i: usize) -> String {
@@ -683,7 +651,7 @@ fn image_marker(i: usize) -> String {
 /// Builds the 200 answer for a call and its fault.
 async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Result<Answer> {
     let config = &shared.config;
-    let Some(price) = pricing(&call.model) else {
+    let Some(price) = models::price(&call.model) else {
         return Err(io::Error::other("unpriced model"));
     };
     let pro = models::has_image_sizes(&call.model);
@@ -816,7 +784,7 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
     };
     let tokens = Tokens {
         reasoning: if pro { PRO_REASONING_TOKENS } else { 0 },
-        image: image_tokens(&call.model, &call.tier),
+        image: models::image_tokens(&call.model, Some(&call.tier)),
         ..prompt_only
     };
     let choice = json!({
@@ -864,7 +832,7 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
 }
 
 /// An answer without image that bills its tokens.
-fn billed(mut answer: Answer, body: Value, tokens: Tokens, price: Pricing) -> Answer {
+fn billed(mut answer: Answer, body: Value, tokens: Tokens, price: Price) -> Answer {
     let cost = tokens.cost(price);
     answer.parts = splice(&body.to_string(), Vec::new(), cost);
     answer.billing = Some(Billing { cost, served: None });
@@ -1147,7 +1115,7 @@ mod tests {
             ..Tokens::default()
         };
         assert_eq!(
-            flash.cost(pricing(models::FLASH_IMAGE).unwrap()),
+            flash.cost(models::price(models::FLASH_IMAGE).unwrap()),
             Decimal::new(387036, 7)
         );
         let pro_4k = Tokens {
@@ -1155,7 +1123,7 @@ mod tests {
             ..Tokens::default()
         };
         assert_eq!(
-            pro_4k.cost(pricing(models::PRO_IMAGE).unwrap()),
+            pro_4k.cost(models::price(models::PRO_IMAGE).unwrap()),
             Decimal::new(24, 2)
         );
     }
