@@ -9,6 +9,9 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+mod cli;
+
+use cli::{explain_constraint, shutdown_token};
 use imagegen::db;
 use imagegen::openrouter::Client;
 use imagegen::pipeline::{Pipeline, PipelineConfig};
@@ -17,7 +20,6 @@ use imagegen::retry::RetryPolicy;
 use imagegen::storage::{Storage, StorageConfig};
 use imagegen::worker::{Worker, WorkerConfig};
 use rust_decimal::Decimal;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -403,16 +405,6 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns a constraint violation into the rule it names, for people at a terminal.
-fn explain_constraint(e: imagegen::queue::QueueError) -> anyhow::Error {
-    if let imagegen::queue::QueueError::Database(sqlx::Error::Database(db)) = &e
-        && let Some(c) = db.constraint()
-    {
-        return anyhow::anyhow!("rejected by the database: {c} ({})", db.message());
-    }
-    e.into()
-}
-
 async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
     let counts = q.counts(a.by_batch, a.batch.as_deref()).await?;
     let workers = q.live_workers(std::time::Duration::from_secs(120)).await?;
@@ -536,29 +528,6 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
         println!("{t}");
     }
     Ok(())
-}
-
-/// Cancelled on the first SIGINT or SIGTERM.
-fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        tracing::info!("shutdown requested: no new claims, draining in-flight jobs");
-        t.cancel();
-    });
-    token
 }
 
 async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
