@@ -15,6 +15,7 @@
 //! - [`image`]: data-URL decoding, format sniffing, dimensions.
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
+//! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
@@ -27,6 +28,7 @@ pub mod image;
 pub mod openrouter;
 pub mod pipeline;
 pub mod queue;
+pub mod renditions;
 pub mod retry;
 pub mod storage;
 pub mod worker;

@@ -124,6 +124,9 @@ enum Command {
     FakeOpenrouter(imagegen::openrouter::fake::FakeArgs),
     /// Benchmarks against the local Postgres and the stand-in, in their own database.
     Bench(imagegen::bench::BenchArgs),
+    /// Renditions (OG card, thumbnail, WebP, custom sizes) of jobs that already succeeded.
+    #[command(subcommand)]
+    Renditions(cli::renditions::RenditionsCommand),
 }
 
 #[derive(Subcommand)]
@@ -172,6 +175,8 @@ struct WorkerArgs {
     /// No call starts that could take today's (UTC) spend past this many USD.
     #[arg(long, env = "IMAGEGEN_DAILY_BUDGET_USD")]
     daily_budget_usd: Option<Decimal>,
+    #[command(flatten)]
+    renditions: imagegen::image::renditions::RenditionSettings,
     #[command(flatten)]
     storage: StorageConfig,
     #[command(flatten)]
@@ -333,6 +338,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
+        Command::Renditions(cmd) => cli::renditions::run(open_queue(g, 4).await?, cmd).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -550,6 +556,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         PipelineConfig {
             requests_per_minute: a.requests_per_minute,
             daily_budget_usd: a.daily_budget_usd,
+            renditions: a.renditions,
         },
     );
     let config = WorkerConfig {

@@ -9,6 +9,10 @@
 //!   deterministic keys; the next attempt finds them there and records them.
 //! - Only a crash between the provider's answer and the stash (or the upload) loses a paid image;
 //!   that window is the length of one upload.
+//!
+//! Renditions are made after the originals are stored (see [`crate::renditions`]); they never
+//! fail the job, and the recovery above takes only originals (by key structure), never a
+//! rendition.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -22,7 +26,8 @@ use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 use crate::openrouter::{CallError, Client, Generation, ImageRequest, models};
 use crate::queue::{AttemptRecord, ImageRow, Job, Queue, Reservation};
-use crate::storage::{ObjectMeta, Storage, StorageError, object_key};
+use crate::renditions::Renditions;
+use crate::storage::{ObjectMeta, Storage, StorageError, object_key, parse_file_name};
 use crate::worker::{Failure, Handler, Success};
 
 /// Pipeline settings that are not the provider's or the storage's.
@@ -32,6 +37,8 @@ pub struct PipelineConfig {
     pub requests_per_minute: Option<NonZeroU32>,
     /// No call starts that could take today's (UTC) spend of the whole installation past this.
     pub daily_budget_usd: Option<Decimal>,
+    /// How renditions are made (pool size, automatic thumbnail, qualities, decode limit).
+    pub renditions: crate::image::renditions::RenditionSettings,
 }
 
 /// The job body: implements [`Handler`] for the worker.
@@ -42,6 +49,7 @@ pub struct Pipeline {
     queue: Queue,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     daily_budget: Option<Decimal>,
+    renditions: Renditions,
 }
 
 impl Pipeline {
@@ -55,6 +63,7 @@ impl Pipeline {
             queue,
             limiter,
             daily_budget: config.daily_budget_usd,
+            renditions: Renditions::new(config.renditions),
         }
     }
 
@@ -147,8 +156,8 @@ impl Pipeline {
         };
         let keys = self.storage.list(prefix).await.map_err(storage_failure)?;
         let mut images = Vec::new();
-        for key in keys {
-            let bytes = self.storage.get(&key).await.map_err(storage_failure)?;
+        for key in originals_of(job.id, &keys) {
+            let bytes = self.storage.get(key).await.map_err(storage_failure)?;
             if let Some(img) = decoded(bytes) {
                 images.push(img);
             }
@@ -179,6 +188,10 @@ impl Pipeline {
                 sha256: hex::encode(Sha256::digest(&image.bytes)),
             });
         }
+        // The originals are safe now; renditions never fail the job.
+        self.renditions
+            .after_store(&self.queue, &self.storage, job, images, &success)
+            .await;
         Ok(success)
     }
 
@@ -270,6 +283,25 @@ impl Handler for Pipeline {
     }
 }
 
+/// The keys among `keys` (one listing of the job's prefix) that are this job's originals of
+/// the current generation, by index: never a rendition, another generation or another job's
+/// object, whatever else the prefix holds. One key per index (the first listed).
+fn originals_of(job_id: i64, keys: &[String]) -> Vec<&str> {
+    let mut found: Vec<(usize, &str)> = keys
+        .iter()
+        .filter_map(|k| {
+            let name = parse_file_name(k.rsplit('/').next().unwrap_or(k))?;
+            let ours = name.job_id == job_id
+                && name.generation == crate::renditions::CURRENT_GENERATION
+                && name.rendition.is_none();
+            ours.then_some((name.index, k.as_str()))
+        })
+        .collect();
+    found.sort_by_key(|(i, _)| *i);
+    found.dedup_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, k)| k).collect()
+}
+
 fn decoded(bytes: bytes::Bytes) -> Option<DecodedImage> {
     let (format, width, height) = crate::image::sniff(&bytes)?;
     Some(DecodedImage {
@@ -314,5 +346,29 @@ fn storage_failure(e: StorageError) -> Failure {
         message: e.to_string(),
         record: AttemptRecord::default(),
         free_retry: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::originals_of;
+
+    #[test]
+    fn recovery_takes_only_this_job_s_originals() {
+        let keys: Vec<String> = [
+            "b/42-0.og.jpg",
+            "b/42-1.png",
+            "b/42-0.thumb.webp",
+            "b/42-0.png",
+            "b/42-g1-0.png",
+            "b/42-0.1200x630-png.png",
+            "b/420-0.png",
+            "b/.42-0.png.1234.tmp",
+            "b/42-1.jpg",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(originals_of(42, &keys), ["b/42-0.png", "b/42-1.png"]);
     }
 }
