@@ -27,6 +27,8 @@ use uuid::Uuid;
 
 use crate::error::{Classify, ErrorClass};
 
+pub mod api;
+
 /// The channel the insert trigger notifies (see the first migration).
 pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";
 
