@@ -346,7 +346,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
-        Command::Serve(a) => cli::serve::run(open_queue(g, 8).await?, *a).await?,
+        Command::Serve(a) => {
+            // The access check comes first: a refused configuration fails before anything opens.
+            let bound = imagegen::http::bind(a.listen, &a.auth).await?;
+            cli::serve::run(open_queue(g, 8).await?, *a, bound).await?
+        }
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {

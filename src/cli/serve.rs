@@ -23,10 +23,12 @@ pub struct ServeArgs {
     pub storage: StorageConfig,
 }
 
-/// Serves until SIGINT/SIGTERM.
-pub async fn run(queue: Queue, args: ServeArgs) -> anyhow::Result<()> {
-    // The access check comes first: a refused configuration fails before anything is opened.
-    let (listener, auth) = http::bind(args.listen, &args.auth).await?;
+/// Serves on the listener [`http::bind`] made until SIGINT/SIGTERM.
+pub async fn run(
+    queue: Queue,
+    args: ServeArgs,
+    (listener, auth): (tokio::net::TcpListener, http::auth::Auth),
+) -> anyhow::Result<()> {
     let storage = Storage::open(&args.storage)
         .await
         .context("storage settings")?;

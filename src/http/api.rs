@@ -303,23 +303,32 @@ async fn list_jobs(
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
-    /// 1 to 8,000 characters, not blank.
-    #[schema(example = "A calm lake at dawn, blog header")]
+    /// 1 to 8,000 characters, not blank (`jobs_prompt_not_blank`, `jobs_prompt_max_length`).
+    #[schema(example = "A calm lake at dawn, blog header", min_length = 1, max_length = 8000,
+        pattern = r"\S")]
     pub prompt: String,
-    /// Default 16:9.
+    /// Default 16:9 (`jobs_aspect_ratio_valid`).
+    #[schema(pattern = r"^(1:1|2:3|3:2|3:4|4:3|4:5|5:4|9:16|16:9|21:9)$")]
     pub aspect_ratio: Option<String>,
-    /// Default google/gemini-2.5-flash-image.
+    /// Default google/gemini-2.5-flash-image (`jobs_model_format`).
+    #[schema(pattern = r"^[A-Za-z0-9._-]+/[A-Za-z0-9._:-]+$", max_length = 200)]
     pub model: Option<String>,
-    /// 1K, 2K or 4K.
+    /// 1K, 2K or 4K (`jobs_image_size_valid`).
+    #[schema(pattern = r"^(1K|2K|4K)$")]
     pub image_size: Option<String>,
+    /// Up to 200 characters, not blank (`jobs_batch_valid`).
+    #[schema(pattern = r"\S", max_length = 200)]
     pub batch: Option<String>,
-    /// -1000 to 1000, higher first (default 0).
+    /// -1000 to 1000, higher first (default 0; `jobs_priority_range`).
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: Option<i32>,
     /// Not before this time (default now).
     pub run_at: Option<DateTime<Utc>>,
     /// A repeat with the same key and the same job returns the existing job.
+    #[schema(pattern = r"\S")]
     pub idempotency_key: Option<String>,
-    /// 1 to 25 (default 3).
+    /// 1 to 25 (default 3; `jobs_max_attempts_range`).
+    #[schema(minimum = 1, maximum = 25)]
     pub max_attempts: Option<i32>,
     /// Any JSON, kept untouched.
     pub metadata: Option<serde_json::Value>,
