@@ -292,11 +292,28 @@ async fn list_jobs(
         Some(c) => Some(decode_cursor(c, &print)?),
         None => None,
     };
-    let page = s.queue.list_jobs(&filter, order, after, limit).await?;
+    let page = s
+        .queue
+        .list_jobs(&filter, order, after, limit)
+        .await
+        .map_err(Problem::from_parameter)?;
     Ok(Json(JobList {
         next: page.next_after.map(|a| encode_cursor(a, &print)),
         jobs: page.jobs,
     }))
+}
+
+/// The largest magnitude of a number in `metadata`: Postgres keeps any, but prints them in full,
+/// and near the limits of a double that text no longer reads back as one.
+pub const MAX_METADATA_NUMBER: f64 = 1e300;
+
+fn numbers_fit(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f.abs() < MAX_METADATA_NUMBER),
+        serde_json::Value::Array(a) => a.iter().all(numbers_fit),
+        serde_json::Value::Object(o) => o.values().all(numbers_fit),
+        _ => true,
+    }
 }
 
 /// A job to submit: the same fields and defaults as the `imagegen.jobs` table.
@@ -304,8 +321,12 @@ async fn list_jobs(
 #[serde(deny_unknown_fields)]
 pub struct JobRequest {
     /// 1 to 8,000 characters, not blank (`jobs_prompt_not_blank`, `jobs_prompt_max_length`).
-    #[schema(example = "A calm lake at dawn, blog header", min_length = 1, max_length = 8000,
-        pattern = r"\S")]
+    #[schema(
+        example = "A calm lake at dawn, blog header",
+        min_length = 1,
+        max_length = 8000,
+        pattern = r"\S"
+    )]
     pub prompt: String,
     /// Default 16:9 (`jobs_aspect_ratio_valid`).
     #[schema(pattern = r"^(1:1|2:3|3:2|3:4|4:3|4:5|5:4|9:16|16:9|21:9)$")]
@@ -419,6 +440,16 @@ async fn submit_jobs(
         }
         one => (false, vec![shaped(one, "job")?]),
     };
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(m) = &r.metadata
+            && !numbers_fit(m)
+        {
+            let p = Problem::invalid_value(format!(
+                "job {i}: metadata numbers must lie within ±{MAX_METADATA_NUMBER:e}"
+            ));
+            return Err(if many { p.at(i) } else { p });
+        }
+    }
     let jobs: Vec<NewJob> = requests.into_iter().map(NewJob::from).collect();
     let submitted = s.queue.submit(&jobs).await?;
     let any_created = submitted.iter().any(|x| x.created);
@@ -529,7 +560,12 @@ async fn get_batch(
     batch: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BatchSummary>, Problem> {
     let Path(batch) = batch.map_err(path_problem)?;
-    match s.queue.batch_summary(&batch).await? {
+    match s
+        .queue
+        .batch_summary(&batch)
+        .await
+        .map_err(Problem::from_parameter)?
+    {
         Some(b) => Ok(Json(b)),
         None => Err(Problem::not_found(format!(
             "no job and no budget has batch {batch:?}"
@@ -565,7 +601,10 @@ async fn set_batch_budget(
 ) -> Result<Json<BatchSummary>, Problem> {
     let Path(batch) = batch.map_err(path_problem)?;
     let req: BudgetRequest = shaped(json_body(&headers, body)?, "budget")?;
-    s.queue.set_batch_budget(&batch, req.budget_usd).await?;
+    s.queue
+        .set_batch_budget(&batch, req.budget_usd)
+        .await
+        .map_err(Problem::from_parameter)?;
     match s.queue.batch_summary(&batch).await? {
         Some(b) => Ok(Json(b)),
         None => Err(Problem::not_found(format!(
@@ -593,7 +632,11 @@ async fn retry_failed(
     batch: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BatchChange>, Problem> {
     let Path(batch) = batch.map_err(path_problem)?;
-    let jobs = s.queue.retry_failed(Some(&batch)).await?;
+    let jobs = s
+        .queue
+        .retry_failed(Some(&batch))
+        .await
+        .map_err(Problem::from_parameter)?;
     Ok(Json(BatchChange { batch, jobs }))
 }
 
@@ -609,7 +652,11 @@ async fn cancel_pending(
     batch: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BatchChange>, Problem> {
     let Path(batch) = batch.map_err(path_problem)?;
-    let jobs = s.queue.cancel_batch(&batch).await?;
+    let jobs = s
+        .queue
+        .cancel_batch(&batch)
+        .await
+        .map_err(Problem::from_parameter)?;
     Ok(Json(BatchChange { batch, jobs }))
 }
 

@@ -217,12 +217,10 @@ impl Problem {
             let code = db.code().unwrap_or_default();
             // Class 22: data exceptions (a NUL byte in text, a number out of range, bad JSON).
             if code.starts_with("22") {
-                return Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid-value",
-                    "The database refused a value",
-                    format!("rejected by the database: {}", db.message()),
-                );
+                return Problem::invalid_value(format!(
+                    "rejected by the database: {}",
+                    db.message()
+                ));
             }
             if code == "57014" {
                 return Problem::new(
@@ -237,6 +235,31 @@ impl Problem {
         }
         tracing::warn!(error = %e, "database error answering a request");
         Problem::unavailable("the database could not answer; try again")
+    }
+
+    pub fn invalid_value(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-value",
+            "A value is malformed or out of range",
+            detail.into(),
+        )
+    }
+
+    /// For errors caused by a path or query parameter: a value the database refused (a NUL
+    /// byte) is a 400 about the parameter, not a 422 about a body.
+    pub fn from_parameter(e: QueueError) -> Self {
+        let p = Problem::from(e);
+        if p.slug == "invalid-value" {
+            return Problem::invalid_parameter(p.detail);
+        }
+        p
+    }
+
+    /// The same problem, about the job at `index` of a submitted array.
+    pub fn at(mut self, index: usize) -> Self {
+        self.index = Some(index);
+        self
     }
 
     fn with_index(mut self, index: usize) -> Self {

@@ -62,8 +62,9 @@ pub struct JobView {
     /// Attempts spent so far (the row's `attempts` column).
     pub attempts_used: i32,
     pub max_attempts: i32,
-    /// Whatever JSON the application stored on the row, untouched.
-    #[schema(value_type = Option<Object>)]
+    /// Whatever JSON the application stored on the row, untouched (any JSON value). A value
+    /// with numbers beyond what JSON readers hold (over ±1e300, possible only through SQL) is
+    /// given as its JSON text instead.
     pub metadata: Option<serde_json::Value>,
     pub last_error: Option<String>,
     pub image_urls: Vec<String>,
@@ -135,7 +136,8 @@ struct JobBase {
     idempotency_key: Option<String>,
     attempts: i32,
     max_attempts: i32,
-    metadata: Option<serde_json::Value>,
+    /// As text: Postgres prints jsonb numbers in full, which a JSON reader may not hold.
+    metadata: Option<String>,
     last_error: Option<String>,
     image_urls: Vec<String>,
     prompt_tokens: i64,
@@ -415,7 +417,8 @@ pub struct QueueGauges {
 }
 
 const JOB_VIEW_COLUMNS: &str = "id, state, prompt, aspect_ratio, model, image_size, batch, \
-    priority, run_at, idempotency_key, attempts, max_attempts, metadata, last_error, image_urls, \
+    priority, run_at, idempotency_key, attempts, max_attempts, metadata::text AS metadata, last_error, \
+    image_urls, \
     prompt_tokens, completion_tokens, cost_usd, created_at, started_at, finished_at, updated_at, \
     lease_owner, lease_expires_at";
 
@@ -870,7 +873,9 @@ async fn load_views(
                 idempotency_key: b.idempotency_key,
                 attempts_used: b.attempts,
                 max_attempts: b.max_attempts,
-                metadata: b.metadata,
+                metadata: b.metadata.map(|text| {
+                    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+                }),
                 last_error: b.last_error,
                 image_urls: b.image_urls,
                 images: images_of.remove(&b.id).unwrap_or_default(),

@@ -29,7 +29,8 @@ async fn submission_is_idempotent_and_all_or_nothing(_p: PgPoolOptions, opts: Pg
     let db = pool(&opts, 5).await;
     let s = Server::start(&db).await;
 
-    let one = json!({"prompt": "A calm lake", "idempotency_key": "post-1", "metadata": {"slug": "lake"}});
+    let one =
+        json!({"prompt": "A calm lake", "idempotency_key": "post-1", "metadata": {"slug": "lake"}});
     let (status, first) = s.post("/api/v1/jobs", &one).await;
     assert_eq!(status, 201, "{first}");
     assert_eq!(first["created"], true);
@@ -50,10 +51,16 @@ async fn submission_is_idempotent_and_all_or_nothing(_p: PgPoolOptions, opts: Pg
 
     // The key with another job: 409, nothing changed.
     let (status, conflict) = s
-        .post("/api/v1/jobs", &json!({"prompt": "Another lake", "idempotency_key": "post-1"}))
+        .post(
+            "/api/v1/jobs",
+            &json!({"prompt": "Another lake", "idempotency_key": "post-1"}),
+        )
         .await;
     assert_eq!(status, 409, "{conflict}");
-    assert_eq!(problem_type(&conflict), "urn:imagegen:problem:idempotency-key-reused");
+    assert_eq!(
+        problem_type(&conflict),
+        "urn:imagegen:problem:idempotency-key-reused"
+    );
     assert_eq!(count(&db).await, 1);
 
     // An array: the existing job and two new ones (one repeated inside the array).
@@ -66,7 +73,10 @@ async fn submission_is_idempotent_and_all_or_nothing(_p: PgPoolOptions, opts: Pg
     let (status, answer_many) = s.post("/api/v1/jobs", &many).await;
     assert_eq!(status, 201, "{answer_many}");
     let items = answer_many["jobs"].as_array().unwrap();
-    let created: Vec<bool> = items.iter().map(|i| i["created"].as_bool().unwrap()).collect();
+    let created: Vec<bool> = items
+        .iter()
+        .map(|i| i["created"].as_bool().unwrap())
+        .collect();
     assert_eq!(created, [false, true, false, true]);
     assert_eq!(items[0]["job"]["id"], id);
     assert_eq!(items[1]["job"]["id"], items[2]["job"]["id"]);
@@ -84,25 +94,51 @@ async fn submission_is_idempotent_and_all_or_nothing(_p: PgPoolOptions, opts: Pg
     ]);
     let (status, refused) = s.post("/api/v1/jobs", &bad).await;
     assert_eq!(status, 422, "{refused}");
-    assert_eq!(problem_type(&refused), "urn:imagegen:problem:constraint-violation");
+    assert_eq!(
+        problem_type(&refused),
+        "urn:imagegen:problem:constraint-violation"
+    );
     assert_eq!(refused["constraint"], "jobs_aspect_ratio_valid");
     assert_eq!(refused["index"], 2);
-    assert!(refused["detail"].as_str().unwrap().contains("jobs_aspect_ratio_valid"));
-    assert_eq!(count(&db).await, 3, "nothing of a refused submission is applied");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("jobs_aspect_ratio_valid")
+    );
+    assert_eq!(
+        count(&db).await,
+        3,
+        "nothing of a refused submission is applied"
+    );
 
     for (body, constraint) in [
         (json!({"prompt": "   "}), "jobs_prompt_not_blank"),
-        (json!({"prompt": "x", "max_attempts": 0}), "jobs_max_attempts_range"),
-        (json!({"prompt": "x", "priority": 5000}), "jobs_priority_range"),
-        (json!({"prompt": "x", "model": "no slash"}), "jobs_model_format"),
-        (json!({"prompt": "x", "image_size": "8K"}), "jobs_image_size_valid"),
+        (
+            json!({"prompt": "x", "max_attempts": 0}),
+            "jobs_max_attempts_range",
+        ),
+        (
+            json!({"prompt": "x", "priority": 5000}),
+            "jobs_priority_range",
+        ),
+        (
+            json!({"prompt": "x", "model": "no slash"}),
+            "jobs_model_format",
+        ),
+        (
+            json!({"prompt": "x", "image_size": "8K"}),
+            "jobs_image_size_valid",
+        ),
     ] {
         let (status, p) = s.post("/api/v1/jobs", &body).await;
         assert_eq!(status, 422, "{body}: {p}");
         assert_eq!(p["constraint"], constraint, "{body}");
     }
     // A NUL byte is refused by the database as a value, not a server error.
-    let (status, p) = s.post("/api/v1/jobs", &json!({"prompt": "nul \u{0} here"})).await;
+    let (status, p) = s
+        .post("/api/v1/jobs", &json!({"prompt": "nul \u{0} here"}))
+        .await;
     assert_eq!(status, 422, "{p}");
 
     // Shape errors: unknown field, wrong type, missing prompt.
@@ -114,9 +150,15 @@ async fn submission_is_idempotent_and_all_or_nothing(_p: PgPoolOptions, opts: Pg
     ] {
         let (status, p) = s.post("/api/v1/jobs", &body).await;
         assert_eq!(status, 422, "{body}: {p}");
-        assert_eq!(problem_type(&p), "urn:imagegen:problem:invalid-body", "{body}");
+        assert_eq!(
+            problem_type(&p),
+            "urn:imagegen:problem:invalid-body",
+            "{body}"
+        );
     }
-    let too_many: Vec<Value> = (0..1001).map(|i| json!({"prompt": format!("p{i}")})).collect();
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"prompt": format!("p{i}")}))
+        .collect();
     let (status, p) = s.post("/api/v1/jobs", &Value::Array(too_many)).await;
     assert_eq!(status, 422);
     assert_eq!(problem_type(&p), "urn:imagegen:problem:too-many-jobs");
@@ -138,13 +180,21 @@ async fn malformed_oversized_and_unknown_requests_get_problems(
             .body(body)
             .send()
     };
-    let (status, p) = answer(post_raw(b"{\"prompt\": ".to_vec(), "application/json").await.unwrap()).await;
+    let (status, p) = answer(
+        post_raw(b"{\"prompt\": ".to_vec(), "application/json")
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(problem_type(&p), "urn:imagegen:problem:malformed-json");
 
     let (status, p) = answer(post_raw(b"prompt=x".to_vec(), "text/plain").await.unwrap()).await;
     assert_eq!(status, 415);
-    assert_eq!(problem_type(&p), "urn:imagegen:problem:unsupported-media-type");
+    assert_eq!(
+        problem_type(&p),
+        "urn:imagegen:problem:unsupported-media-type"
+    );
 
     // Just over 1 MiB of valid JSON.
     let big = serde_json::to_vec(&json!({"prompt": "x".repeat(1024 * 1024)})).unwrap();
@@ -177,7 +227,11 @@ async fn malformed_oversized_and_unknown_requests_get_problems(
     ] {
         let (status, p) = s.get(&format!("/api/v1/jobs?{bad}")).await;
         assert_eq!(status, 400, "{bad}: {p}");
-        assert_eq!(problem_type(&p), "urn:imagegen:problem:invalid-parameter", "{bad}");
+        assert_eq!(
+            problem_type(&p),
+            "urn:imagegen:problem:invalid-parameter",
+            "{bad}"
+        );
     }
     s.stop().await;
 }
@@ -191,7 +245,10 @@ async fn a_job_has_one_shape_in_the_api_the_list_and_the_cli(
     let queue = Queue::new(db.clone());
     let s = Server::start(&db).await;
     let (_, posted) = s
-        .post("/api/v1/jobs", &json!({"prompt": "shape", "batch": "b", "metadata": {"n": 1}}))
+        .post(
+            "/api/v1/jobs",
+            &json!({"prompt": "shape", "batch": "b", "metadata": {"n": 1}}),
+        )
         .await;
     let id = posted["job"]["id"].as_i64().unwrap();
     assert_eq!(succeed(&queue, 10).await, vec![id]);
@@ -222,19 +279,34 @@ async fn a_job_has_one_shape_in_the_api_the_list_and_the_cli(
         .env("DATABASE_URL", url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli, job, "imagegen show --json prints the API's shape");
 
     // Retry and cancel answer the changed job; a wrong state is a 409.
-    let (status, p) = s.post(&format!("/api/v1/jobs/{id}/cancel"), &json!({})).await;
+    let (status, p) = s
+        .post(&format!("/api/v1/jobs/{id}/cancel"), &json!({}))
+        .await;
     assert_eq!(status, 409);
     assert_eq!(problem_type(&p), "urn:imagegen:problem:wrong-state");
-    let (_, fresh) = s.post("/api/v1/jobs", &json!({"prompt": "to cancel"})).await;
+    let (_, fresh) = s
+        .post("/api/v1/jobs", &json!({"prompt": "to cancel"}))
+        .await;
     let fresh_id = fresh["job"]["id"].as_i64().unwrap();
-    let (status, cancelled) = s.post(&format!("/api/v1/jobs/{fresh_id}/cancel"), &json!({})).await;
-    assert_eq!((status, cancelled["state"].as_str()), (200, Some("cancelled")));
-    let (status, retried) = s.post(&format!("/api/v1/jobs/{fresh_id}/retry"), &json!({})).await;
+    let (status, cancelled) = s
+        .post(&format!("/api/v1/jobs/{fresh_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, cancelled["state"].as_str()),
+        (200, Some("cancelled"))
+    );
+    let (status, retried) = s
+        .post(&format!("/api/v1/jobs/{fresh_id}/retry"), &json!({}))
+        .await;
     assert_eq!((status, retried["state"].as_str()), (200, Some("pending")));
     s.stop().await;
 }
@@ -338,10 +410,16 @@ async fn filters_and_pages_cover_thousands_of_jobs_exactly_once(
         ("state=failed", "state = 'failed'"),
         ("state=failed,cancelled", "state IN ('failed', 'cancelled')"),
         ("batch=site%2Fa", "batch = 'site/a'"),
-        ("model=google%2Fgemini-3-pro-image-preview", "model = 'google/gemini-3-pro-image-preview'"),
+        (
+            "model=google%2Fgemini-3-pro-image-preview",
+            "model = 'google/gemini-3-pro-image-preview'",
+        ),
         ("q=50%25%20off", "prompt ILIKE '%50\\% off%'"),
         ("q=LAKES", "prompt ILIKE '%lakes%'"),
-        ("metadata=%7B%22slug%22%3A%22post-3%22%7D", "metadata @> '{\"slug\":\"post-3\"}'"),
+        (
+            "metadata=%7B%22slug%22%3A%22post-3%22%7D",
+            "metadata @> '{\"slug\":\"post-3\"}'",
+        ),
         (
             "created_after=2026-01-01T10:00:00Z&created_before=2026-01-02T10:00:00Z",
             "created_at > '2026-01-01T10:00:00Z' AND created_at < '2026-01-02T10:00:00Z'",
@@ -373,18 +451,29 @@ async fn filters_and_pages_cover_thousands_of_jobs_exactly_once(
         .collect();
     let before = ids_where(&db, "batch = 'site/a'").await;
     queue
-        .enqueue_many(&(0..50).map(|i| NewJob {
-            prompt: format!("late {i}"),
-            batch: Some("site/a".into()),
-            ..NewJob::default()
-        })
-        .collect::<Vec<_>>())
+        .enqueue_many(
+            &(0..50)
+                .map(|i| NewJob {
+                    prompt: format!("late {i}"),
+                    batch: Some("site/a".into()),
+                    ..NewJob::default()
+                })
+                .collect::<Vec<_>>(),
+        )
         .await
         .unwrap();
     let mut cursor = first["next"].as_str().map(str::to_owned);
     while let Some(c) = cursor {
-        let (_, page) = s.get(&format!("/api/v1/jobs?limit=250&batch=site%2Fa&cursor={c}")).await;
-        seen.extend(page["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_i64().unwrap()));
+        let (_, page) = s
+            .get(&format!("/api/v1/jobs?limit=250&batch=site%2Fa&cursor={c}"))
+            .await;
+        seen.extend(
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["id"].as_i64().unwrap()),
+        );
         cursor = page["next"].as_str().map(str::to_owned);
     }
     assert_eq!(once(&seen), before);
@@ -392,7 +481,9 @@ async fn filters_and_pages_cover_thousands_of_jobs_exactly_once(
     // A cursor only continues the listing it came from.
     let (_, page) = s.get("/api/v1/jobs?limit=10&state=failed").await;
     let c = page["next"].as_str().unwrap();
-    let (status, p) = s.get(&format!("/api/v1/jobs?limit=10&state=cancelled&cursor={c}")).await;
+    let (status, p) = s
+        .get(&format!("/api/v1/jobs?limit=10&state=cancelled&cursor={c}"))
+        .await;
     assert_eq!(status, 400, "{p}");
     s.stop().await;
 }
@@ -406,7 +497,10 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
         .map(|i| json!({"prompt": format!("p{i}"), "batch": "blog/2026 headers"}))
         .collect();
     assert_eq!(s.post("/api/v1/jobs", &Value::Array(jobs)).await.0, 201);
-    assert_eq!(s.post("/api/v1/jobs", &json!({"prompt": "loose"})).await.0, 201);
+    assert_eq!(
+        s.post("/api/v1/jobs", &json!({"prompt": "loose"})).await.0,
+        201
+    );
     succeed(&queue, 2).await;
     sqlx::query("UPDATE imagegen.jobs SET state = 'failed' WHERE id IN (3, 4)")
         .execute(&db)
@@ -418,7 +512,10 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["batch"], "blog/2026 headers");
     assert_eq!(b["jobs"], 6);
-    assert_eq!(b["counts"], json!({"pending": 2, "running": 0, "succeeded": 2, "failed": 2, "cancelled": 0}));
+    assert_eq!(
+        b["counts"],
+        json!({"pending": 2, "running": 0, "succeeded": 2, "failed": 2, "cancelled": 0})
+    );
     assert_eq!(b["cost_usd"], "0.0774072");
     assert_eq!(b["finished_recently"], 2);
     assert!(b["eta_seconds"].as_i64().unwrap() > 0);
@@ -429,14 +526,20 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     assert_eq!(list["batches"][0], b);
     assert_eq!(s.get("/api/v1/batches/nope").await.0, 404);
 
-    let (status, b) = s.put(&format!("{path}/budget"), &json!({"budget_usd": "1.50"})).await;
+    let (status, b) = s
+        .put(&format!("{path}/budget"), &json!({"budget_usd": "1.50"}))
+        .await;
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["budget_usd"], "1.50");
     assert_eq!(b["budget_remaining_usd"], "1.4225928");
-    let (status, p) = s.put(&format!("{path}/budget"), &json!({"budget_usd": "-1"})).await;
+    let (status, p) = s
+        .put(&format!("{path}/budget"), &json!({"budget_usd": "-1"}))
+        .await;
     assert_eq!(status, 422);
     assert_eq!(p["constraint"], "batch_budgets_budget_not_negative");
-    let (status, p) = s.put(&format!("{path}/budget"), &json!({"budget_usd": "lots"})).await;
+    let (status, p) = s
+        .put(&format!("{path}/budget"), &json!({"budget_usd": "lots"}))
+        .await;
     assert_eq!(status, 422, "{p}");
 
     let (status, r) = s.post(&format!("{path}/retry-failed"), &json!({})).await;
@@ -450,7 +553,11 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     let worker = uuid::Uuid::new_v4();
     queue.register_worker(worker, "host-a", 4242).await.unwrap();
     queue
-        .worker_heartbeat(worker, Some(chrono::Utc::now()), Some("daily budget reached"))
+        .worker_heartbeat(
+            worker,
+            Some(chrono::Utc::now()),
+            Some("daily budget reached"),
+        )
         .await
         .unwrap();
     let (_, w) = s.get("/api/v1/workers").await;
@@ -465,11 +572,16 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     assert_eq!(st["counts"]["pending"], 1);
     assert_eq!(st["spend_today_usd"], "0.0774072");
     assert_eq!(st["last_hour"]["succeeded"], 2);
-    assert_eq!(st["spend_today_by_model"][0]["model"], "google/gemini-2.5-flash-image");
+    assert_eq!(
+        st["spend_today_by_model"][0]["model"],
+        "google/gemini-2.5-flash-image"
+    );
     assert!(st["daily_budget_usd"].is_null());
 
     // The daily budget lives in the database: set it here, every worker reads it.
-    let (status, set) = s.put("/api/v1/budget/daily", &json!({"budget_usd": "2"})).await;
+    let (status, set) = s
+        .put("/api/v1/budget/daily", &json!({"budget_usd": "2"}))
+        .await;
     assert_eq!((status, &set["daily_budget_usd"]), (200, &json!("2")));
     assert_eq!(
         queue.settings().await.unwrap().daily_budget_usd,
@@ -477,10 +589,17 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     );
     let (_, st) = s.get("/api/v1/stats").await;
     assert_eq!(st["daily_budget_remaining_usd"], "1.9225928");
-    let (status, p) = s.put("/api/v1/budget/daily", &json!({"budget_usd": "-3"})).await;
+    let (status, p) = s
+        .put("/api/v1/budget/daily", &json!({"budget_usd": "-3"}))
+        .await;
     assert_eq!(status, 422);
     assert_eq!(p["constraint"], "settings_daily_budget_not_negative");
-    assert_eq!(s.put("/api/v1/budget/daily", &json!({"budget_usd": null})).await.0, 200);
+    assert_eq!(
+        s.put("/api/v1/budget/daily", &json!({"budget_usd": null}))
+            .await
+            .0,
+        200
+    );
     assert_eq!(queue.settings().await.unwrap().daily_budget_usd, None);
 
     let (status, h) = s.get("/healthz").await;
@@ -488,12 +607,17 @@ async fn batches_workers_stats_and_budgets(_p: PgPoolOptions, opts: PgConnectOpt
     let (status, r) = s.get("/readyz").await;
     assert_eq!((status, r["status"].as_str()), (200, Some("ready")));
     // A database behind the binary's schema is not ready, and says what to do.
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
-        .execute(&db)
-        .await
-        .unwrap();
+    sqlx::query(
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
     let (status, r) = s.get("/readyz").await;
     assert_eq!(status, 503);
-    assert!(r["detail"].as_str().unwrap().contains("imagegen migrate"), "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("imagegen migrate"),
+        "{r}"
+    );
     s.stop().await;
 }

@@ -30,7 +30,10 @@ async fn a_public_address_without_a_token_is_refused_at_start_up() {
         .await
         .err()
         .expect("refused");
-    assert!(matches!(err, HttpError::Auth(AuthError::Unprotected { .. })));
+    assert!(matches!(
+        err,
+        HttpError::Auth(AuthError::Unprotected { .. })
+    ));
 
     // The binary says why and exits non-zero, before touching the database.
     let out = Command::new(env!("CARGO_BIN_EXE_imagegen"))
@@ -55,32 +58,78 @@ async fn off_loopback_every_request_needs_a_token(_p: PgPoolOptions, opts: PgCon
 
     let res = s.client.get(s.url("/api/v1/jobs")).send().await.unwrap();
     assert_eq!(res.status(), 401);
-    assert!(res.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
-    let res = s.client.get(s.url("/api/v1/jobs")).bearer_auth("wrong-token-0123456789").send().await.unwrap();
+    assert!(
+        res.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let res = s
+        .client
+        .get(s.url("/api/v1/jobs"))
+        .bearer_auth("wrong-token-0123456789")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
     // Probes are closed too off loopback (no --open-metrics).
     for probe in ["/metrics", "/healthz", "/readyz"] {
         let res = s.client.get(s.url(probe)).send().await.unwrap();
         assert_eq!(res.status(), 401, "{probe}");
-        let res = s.client.get(s.url(probe)).bearer_auth(READ).send().await.unwrap();
+        let res = s
+            .client
+            .get(s.url(probe))
+            .bearer_auth(READ)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200, "{probe}");
     }
 
     // The read token reads, and changes nothing.
-    let res = s.client.get(s.url("/api/v1/jobs")).bearer_auth(READ).send().await.unwrap();
+    let res = s
+        .client
+        .get(s.url("/api/v1/jobs"))
+        .bearer_auth(READ)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
-    let res = s.client.post(s.url("/api/v1/jobs")).bearer_auth(READ).json(&job).send().await.unwrap();
+    let res = s
+        .client
+        .post(s.url("/api/v1/jobs"))
+        .bearer_auth(READ)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 403);
     let body = res.text().await.unwrap();
     assert!(body.contains("urn:imagegen:problem:read-only"), "{body}");
     // The full token changes.
-    let res = s.client.post(s.url("/api/v1/jobs")).bearer_auth(FULL).json(&job).send().await.unwrap();
+    let res = s
+        .client
+        .post(s.url("/api/v1/jobs"))
+        .bearer_auth(FULL)
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM imagegen.jobs").fetch_one(&db).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM imagegen.jobs")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(n, 1, "only the full token's submission landed");
 
     // No answer, header or error carries a token.
-    for (token, path) in [(None, "/api/v1/jobs"), (Some("nope-nope-nope-nope"), "/api/v1/stats"), (Some(READ), "/api/v1/jobs/1"), (Some(FULL), "/metrics"), (Some(FULL), "/api/v1/openapi.json")] {
+    for (token, path) in [
+        (None, "/api/v1/jobs"),
+        (Some("nope-nope-nope-nope"), "/api/v1/stats"),
+        (Some(READ), "/api/v1/jobs/1"),
+        (Some(FULL), "/metrics"),
+        (Some(FULL), "/api/v1/openapi.json"),
+    ] {
         let mut req = s.client.get(s.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -89,7 +138,10 @@ async fn off_loopback_every_request_needs_a_token(_p: PgPoolOptions, opts: PgCon
         let headers = format!("{:?}", res.headers());
         let body = res.text().await.unwrap();
         for secret in [FULL, READ] {
-            assert!(!body.contains(secret) && !headers.contains(secret), "{path} leaks a token");
+            assert!(
+                !body.contains(secret) && !headers.contains(secret),
+                "{path} leaks a token"
+            );
         }
     }
     s.stop().await;
@@ -103,9 +155,33 @@ async fn open_metrics_and_no_auth_open_what_they_say(_p: PgPoolOptions, opts: Pg
         ..tokens()
     };
     let s = Server::start_with(&db, "0.0.0.0:0", args).await;
-    assert_eq!(s.client.get(s.url("/metrics")).send().await.unwrap().status(), 200);
-    assert_eq!(s.client.get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(s.client.get(s.url("/api/v1/jobs")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        s.client
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.client
+            .get(s.url("/api/v1/jobs"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     s.stop().await;
 
     let args = AuthArgs {
@@ -113,7 +189,10 @@ async fn open_metrics_and_no_auth_open_what_they_say(_p: PgPoolOptions, opts: Pg
         ..AuthArgs::default()
     };
     let s = Server::start_with(&db, "0.0.0.0:0", args).await;
-    assert_eq!(s.post("/api/v1/jobs", &json!({"prompt": "open"})).await.0, 201);
+    assert_eq!(
+        s.post("/api/v1/jobs", &json!({"prompt": "open"})).await.0,
+        201
+    );
     s.stop().await;
 
     // On loopback the server is open by default.
@@ -139,10 +218,18 @@ async fn read_only_mode_refuses_every_change(_p: PgPoolOptions, opts: PgConnectO
         ("POST", "/api/v1/jobs", Some(json!({"prompt": "no"}))),
         ("POST", "/api/v1/jobs/1/cancel", None),
         ("POST", "/api/v1/jobs/1/retry", None),
-        ("PUT", "/api/v1/batches/b/budget", Some(json!({"budget_usd": "1"}))),
+        (
+            "PUT",
+            "/api/v1/batches/b/budget",
+            Some(json!({"budget_usd": "1"})),
+        ),
         ("POST", "/api/v1/batches/b/cancel-pending", None),
         ("POST", "/api/v1/batches/b/retry-failed", None),
-        ("PUT", "/api/v1/budget/daily", Some(json!({"budget_usd": "1"}))),
+        (
+            "PUT",
+            "/api/v1/budget/daily",
+            Some(json!({"budget_usd": "1"})),
+        ),
     ];
     for (method, path, body) in changes {
         let mut req = s
@@ -155,7 +242,13 @@ async fn read_only_mode_refuses_every_change(_p: PgPoolOptions, opts: PgConnectO
         let res = req.send().await.unwrap();
         assert_eq!(res.status(), 403, "{method} {path}");
     }
-    let res = s.client.get(s.url("/api/v1/jobs/1")).bearer_auth(FULL).send().await.unwrap();
+    let res = s
+        .client
+        .get(s.url("/api/v1/jobs/1"))
+        .bearer_auth(FULL)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let state: String = sqlx::query_scalar("SELECT state FROM imagegen.jobs WHERE id = 1")
         .fetch_one(&db)
