@@ -16,6 +16,8 @@
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
 //! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
+//! - [`http`]: the HTTP server: JSON API with its OpenAPI document, health, `/metrics`, access.
+//! - [`metrics`]: the process's Prometheus instruments (names, bounded labels, recording).
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
@@ -24,7 +26,9 @@ pub mod bench;
 pub mod db;
 pub mod demo;
 pub mod error;
+pub mod http;
 pub mod image;
+pub mod metrics;
 pub mod openrouter;
 pub mod pipeline;
 pub mod queue;

@@ -20,6 +20,7 @@ use imagegen::retry::RetryPolicy;
 use imagegen::storage::{Storage, StorageConfig};
 use imagegen::worker::{Worker, WorkerConfig};
 use rust_decimal::Decimal;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -127,6 +128,8 @@ enum Command {
     /// Renditions (OG card, thumbnail, WebP, custom sizes) of jobs that already succeeded.
     #[command(subcommand)]
     Renditions(cli::renditions::RenditionsCommand),
+    /// The HTTP API, health probes and Prometheus metrics, without a worker.
+    Serve(Box<cli::serve::ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -137,6 +140,9 @@ enum BudgetCommand {
     Clear { batch: String },
     /// Every batch budget with its spend so far.
     List,
+    /// The daily budget of the whole installation (kept in the database).
+    #[command(subcommand)]
+    Daily(cli::budget::DailyCommand),
 }
 
 #[derive(Args)]
@@ -172,9 +178,15 @@ struct WorkerArgs {
     /// At most this many provider calls start per minute.
     #[arg(long, env = "IMAGEGEN_REQUESTS_PER_MINUTE")]
     requests_per_minute: Option<NonZeroU32>,
-    /// No call starts that could take today's (UTC) spend past this many USD.
+    /// Sets the installation's daily budget in the database (as `imagegen budget daily set`
+    /// does): no call of any worker starts that could take today's (UTC) spend past it.
     #[arg(long, env = "IMAGEGEN_DAILY_BUDGET_USD")]
     daily_budget_usd: Option<Decimal>,
+    /// Also serve the HTTP API and /metrics on this address (as `imagegen serve` does).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    http_auth: imagegen::http::auth::AuthArgs,
     #[command(flatten)]
     renditions: imagegen::image::renditions::RenditionSettings,
     #[command(flatten)]
@@ -321,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     q.set_batch_budget(&batch, None).await?;
                     println!("batch {batch:?}: no budget");
                 }
+                BudgetCommand::Daily(cmd) => cli::budget::daily(q, cmd).await?,
                 BudgetCommand::List => {
                     let mut t = Table::new();
                     t.load_style(UTF8_FULL_CONDENSED);
@@ -339,6 +352,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
         Command::Renditions(cmd) => cli::renditions::run(open_queue(g, 4).await?, cmd).await?,
+        Command::Serve(a) => {
+            // The access check comes first: a refused configuration fails before anything opens.
+            let bound = imagegen::http::bind(a.listen, &a.auth).await?;
+            cli::serve::run(open_queue(g, 8).await?, *a, bound).await?
+        }
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -480,15 +498,13 @@ async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
-    let job = q.job(id).await?;
-    let attempts = q.attempts(id).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"job": job, "attempts": attempts}))?
-        );
+        // The API's shape of a job (GET /api/v1/jobs/{id}).
+        println!("{}", serde_json::to_string_pretty(&q.job_view(id).await?)?);
         return Ok(());
     }
+    let job = q.job(id).await?;
+    let attempts = q.attempts(id).await?;
     println!(
         "job {}  [{}]  attempts {}/{}",
         job.id, job.state, job.attempts, job.max_attempts
@@ -537,8 +553,20 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
 }
 
 async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
+    // A refused HTTP configuration fails before anything else starts.
+    let http = match a.http {
+        Some(addr) => Some(imagegen::http::bind(addr, &a.http_auth).await?),
+        None => None,
+    };
     let pool_size = u32::try_from(a.concurrency.clamp(4, 32)).unwrap_or(32);
     let queue = open_queue(g, pool_size).await?;
+    if let Some(usd) = a.daily_budget_usd {
+        queue
+            .set_daily_budget(Some(usd))
+            .await
+            .map_err(explain_constraint)?;
+        tracing::info!(daily_budget_usd = %usd, "daily budget set for every worker");
+    }
     if a.provider.base_url != imagegen::openrouter::DEFAULT_BASE_URL {
         tracing::warn!(base_url = %a.provider.base_url, "provider is not OpenRouter itself");
     }
@@ -555,10 +583,21 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         queue.clone(),
         PipelineConfig {
             requests_per_minute: a.requests_per_minute,
-            daily_budget_usd: a.daily_budget_usd,
             renditions: a.renditions,
         },
     );
+    // The HTTP server outlives the drain, so /metrics and /readyz answer while jobs finish.
+    let http_stop = CancellationToken::new();
+    let http_task = match http {
+        Some((listener, auth)) => Some(cli::serve::start(
+            queue.clone(),
+            Some(pipeline.storage().clone()),
+            listener,
+            auth,
+            http_stop.clone(),
+        )?),
+        None => None,
+    };
     let config = WorkerConfig {
         concurrency: a.concurrency.max(1),
         poll_interval: a.poll_interval,
@@ -574,9 +613,14 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         exit_when_idle: a.exit_when_idle,
         only_batch: a.batch,
     };
-    Worker::new(queue, pipeline, config)
+    let ran = Worker::new(queue, pipeline, config)
         .run(shutdown_token())
-        .await?;
+        .await;
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        task.await.context("the HTTP server task failed")??;
+    }
+    ran?;
     Ok(())
 }
 

@@ -35,11 +35,13 @@ use crate::worker::{Failure, Handler, Success};
 pub struct PipelineConfig {
     /// At most this many provider calls start per minute, across all jobs of this worker.
     pub requests_per_minute: Option<NonZeroU32>,
-    /// No call starts that could take today's (UTC) spend of the whole installation past this.
-    pub daily_budget_usd: Option<Decimal>,
     /// How renditions are made (pool size, automatic thumbnail, qualities, decode limit).
     pub renditions: crate::image::renditions::RenditionSettings,
 }
+
+/// How long the daily budget read from the database is trusted: a changed budget reaches every
+/// worker within this, and jobs do not each pay a read.
+pub const SETTINGS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The job body: implements [`Handler`] for the worker.
 #[derive(Clone)]
@@ -48,7 +50,8 @@ pub struct Pipeline {
     storage: Storage,
     queue: Queue,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    daily_budget: Option<Decimal>,
+    /// The daily budget (`imagegen.settings`) and when it was read.
+    daily_budget: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Option<Decimal>)>>>,
     renditions: Renditions,
 }
 
@@ -62,7 +65,7 @@ impl Pipeline {
             storage,
             queue,
             limiter,
-            daily_budget: config.daily_budget_usd,
+            daily_budget: Arc::default(),
             renditions: Renditions::new(config.renditions),
         }
     }
@@ -71,13 +74,30 @@ impl Pipeline {
         &self.storage
     }
 
+    /// The installation's daily budget, read at most every [`SETTINGS_TTL`].
+    async fn daily_budget(&self) -> Result<Option<Decimal>, crate::queue::QueueError> {
+        let mut cached = self.daily_budget.lock().await;
+        if let Some((at, budget)) = *cached
+            && at.elapsed() < SETTINGS_TTL
+        {
+            return Ok(budget);
+        }
+        let budget = self.queue.settings().await?.daily_budget_usd;
+        *cached = Some((std::time::Instant::now(), budget));
+        Ok(budget)
+    }
+
     /// Refuses to start a call that could take a budget past its limit; otherwise reserves
     /// the call's expected cost until the attempt ends.
     async fn check_budgets(&self, job: &Job) -> Result<(), Failure> {
         let expected = models::expected_cost(&job.model, job.image_size.as_deref());
+        let daily = match self.daily_budget().await {
+            Ok(d) => d,
+            Err(e) => return Err(Failure::new(e.class(), format!("budget check failed: {e}"))),
+        };
         let reservation = self
             .queue
-            .reserve(job, expected, self.daily_budget)
+            .reserve(job, expected, daily)
             .await
             .map_err(|e| Failure {
                 class: e.class(),
@@ -218,7 +238,10 @@ impl Pipeline {
             aspect_ratio: job.aspect_ratio.clone(),
             image_size: job.image_size.clone(),
         };
-        let generation = self.client.generate(&request).await.map_err(call_failure)?;
+        let call_started = std::time::Instant::now();
+        let generation = self.client.generate(&request).await;
+        crate::metrics::call_finished(&job.model, call_started.elapsed());
+        let generation = generation.map_err(call_failure)?;
         let record = record_of(&generation);
         match self.store(&job, &generation.images).await {
             Ok(mut success) => {
@@ -226,6 +249,7 @@ impl Pipeline {
                 Ok(success)
             }
             Err(e) => {
+                crate::metrics::storage_error();
                 self.stash(&job, &generation).await;
                 Err(Failure {
                     class: e.class(),
@@ -341,6 +365,7 @@ fn call_failure(e: CallError) -> Failure {
 }
 
 fn storage_failure(e: StorageError) -> Failure {
+    crate::metrics::storage_error();
     Failure {
         class: e.class(),
         message: e.to_string(),

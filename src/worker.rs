@@ -233,6 +233,7 @@ impl Shared {
         let until_wall = Utc::now() + chrono::Duration::from_std(d).unwrap_or_default();
         self.status
             .send_modify(|s| s.paused = Some(format!("{reason} (until {until_wall})")));
+        crate::metrics::paused(Some(probe));
         *pause = Some(Pause {
             until,
             until_wall,
@@ -345,6 +346,7 @@ impl<H: Handler> Worker<H> {
                 } else {
                     *lock(&shared.pause) = None;
                     shared.status.send_modify(|s| s.paused = None);
+                    crate::metrics::paused(None);
                     info!("cool-down over; claiming again");
                 }
             }
@@ -517,6 +519,7 @@ impl<H: Handler> Worker<H> {
             model = %job.model, attempt = job.attempts);
         tasks.spawn(
             async move {
+                let _in_flight = crate::metrics::InFlightGuard::start();
                 let lease = job.lease();
                 let result = handler.handle(job.clone()).await;
                 let finish = decide(&job, &result, &shared.config.retry);
@@ -558,6 +561,10 @@ impl<H: Handler> Worker<H> {
                     record,
                 };
                 let (outcome, duration_ms) = (completion.finish.outcome(), completion.duration.as_millis());
+                let images = match &completion.finish {
+                    Finish::Succeeded { images, .. } => images.len(),
+                    _ => 0,
+                };
                 let billed = completion.record.clone();
                 let (ack_tx, ack_rx) = oneshot::channel();
                 let queued = done.send((completion, ack_tx)).await;
@@ -574,14 +581,17 @@ impl<H: Handler> Worker<H> {
                     return;
                 }
                 match ack_rx.await {
-                    Ok(Ok(true)) => info!(
+                    Ok(Ok(true)) => {
+                        crate::metrics::attempt_recorded(&job.model, outcome, billed.cost_usd, images);
+                        info!(
                         outcome,
                         duration_ms,
                         prompt_tokens = billed.prompt_tokens,
                         completion_tokens = billed.completion_tokens,
                         cost_usd = %billed.cost_usd,
                         "attempt finished"
-                    ),
+                    )
+                    }
                     Ok(Ok(false)) => warn!(
                         "lease lost before the result was written (another worker took the job over); result dropped"
                     ),
@@ -620,6 +630,7 @@ fn probe_passed(shared: &Shared) {
     {
         *pause = None;
         shared.status.send_modify(|s| s.paused = None);
+        crate::metrics::paused(None);
         info!("probe passed; claiming resumes");
     }
 }

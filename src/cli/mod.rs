@@ -6,6 +6,9 @@ pub mod renditions;
 
 use tokio_util::sync::CancellationToken;
 
+pub mod budget;
+pub mod serve;
+
 /// Turns a constraint violation into the rule it names, for people at a terminal.
 pub fn explain_constraint(e: imagegen::queue::QueueError) -> anyhow::Error {
     if let imagegen::queue::QueueError::Database(sqlx::Error::Database(db)) = &e

@@ -29,6 +29,7 @@ use crate::error::{Classify, ErrorClass};
 
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
+pub mod api;
 
 /// The channel the insert trigger notifies (see the first migration).
 pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";

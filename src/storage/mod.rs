@@ -447,6 +447,24 @@ impl Storage {
         self.delete(&key).await
     }
 
+    /// A cheap readiness check that writes nothing: the bucket answers (S3), or the root
+    /// directory exists (local).
+    pub async fn reachable(&self) -> Result<(), StorageError> {
+        match self {
+            Storage::S3(s) => s.check_bucket().await,
+            Storage::Local(l) => {
+                tokio::fs::metadata(l.root())
+                    .await
+                    .map(|_| ())
+                    .map_err(|source| StorageError::Io {
+                        op: "stat",
+                        path: l.root().to_owned(),
+                        source,
+                    })
+            }
+        }
+    }
+
     /// A URL that lets anyone holding it read the object for `expires`: a presigned GET for S3
     /// (no request is made; at most 7 days), the `file://` URL for local storage. Neither checks
     /// that the object exists; call [`Storage::head`] first for that.

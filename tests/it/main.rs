@@ -3,6 +3,7 @@
 
 mod bench;
 mod helpers;
+mod http;
 mod openrouter;
 mod pipeline;
 mod queue;

@@ -1,0 +1,239 @@
+//! The HTTP server: `router(state) -> Router` with the JSON API under `/api/v1` ([`api`]), health
+//! probes, `/metrics` ([`metrics`]), and the access layer ([`auth`]) the dashboard's pages will sit
+//! behind too. Handlers call the queue and hold no SQL; every error answer is a [`problem`].
+//!
+//! Limits on every request: bodies over [`MAX_BODY_BYTES`] are a 413, query strings over
+//! [`MAX_QUERY_BYTES`] a 414, and a request that takes longer than [`REQUEST_TIMEOUT`] is a 503.
+
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod problem;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::queue::Queue;
+use crate::storage::Storage;
+use auth::{Auth, AuthArgs, AuthError};
+use problem::Problem;
+
+/// The largest request body accepted (a submission of 1,000 jobs with long prompts fits).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The longest query string accepted.
+pub const MAX_QUERY_BYTES: usize = 8 * 1024;
+/// The longest a request may take before it is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a readiness check waits for storage.
+pub const READY_STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    pub queue: Queue,
+    /// Checked by `/readyz` when set.
+    pub storage: Option<Storage>,
+    pub exporter: metrics::Exporter,
+    pub auth: Auth,
+}
+
+impl HttpState {
+    /// State for a server on `queue`; installs the process's metrics recorder if none is yet.
+    pub fn new(queue: Queue, storage: Option<Storage>, auth: Auth) -> HttpState {
+        let handle = match metrics::install() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Prometheus recorder: /metrics shows the queue only");
+                None
+            }
+        };
+        HttpState {
+            exporter: metrics::Exporter::new(queue.clone(), handle),
+            queue,
+            storage,
+            auth,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Checks the access settings for `addr`, then binds it. Refuses (before binding) a
+/// non-loopback address without a token or `--no-auth`.
+pub async fn bind(addr: SocketAddr, args: &AuthArgs) -> Result<(TcpListener, Auth), HttpError> {
+    let auth = Auth::new(args, addr)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    Ok((listener, auth))
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled, then lets requests in progress
+/// finish (each is bounded by [`REQUEST_TIMEOUT`]) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<(), HttpError> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(HttpError::Serve)
+}
+
+/// The whole server: API, probes and metrics, behind the access layer and the request limits.
+pub fn router(state: HttpState) -> Router {
+    let auth = state.auth.clone();
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(
+            auth.clone(),
+            auth::require_probe,
+        ));
+    let api = api::routes(state).layer(middleware::from_fn_with_state(auth, auth::require));
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(probes)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_query))
+        .layer(middleware::from_fn(common_headers))
+        .layer(CompressionLayer::new())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_| {
+            Problem::internal("the server failed answering this request").into_response()
+        }))
+}
+
+async fn not_found(req: Request) -> Problem {
+    Problem::not_found(format!(
+        "no such route: {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+async fn limit_query(req: Request, next: Next) -> Response {
+    if req.uri().query().is_some_and(|q| q.len() > MAX_QUERY_BYTES) {
+        return Problem::uri_too_long(format!(
+            "the query string may have at most {MAX_QUERY_BYTES} bytes"
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Answers are never cached by intermediaries and never sniffed as another type.
+async fn common_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    res
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    version: &'static str,
+}
+
+/// The process lives.
+async fn healthz() -> impl IntoResponse {
+    axum::Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Postgres answers with the schema this binary expects, and the storage is reachable.
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let want = crate::MIGRATOR.iter().map(|m| m.version).max();
+    match s.queue.schema_version().await {
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: database");
+            return Problem::unavailable("the database does not answer").into_response();
+        }
+        Ok(have) if have != want => {
+            return Problem::unavailable(format!(
+                "the database schema is at migration {} but this binary expects {}: run \
+                 `imagegen migrate` (or deploy the matching binary)",
+                have.map_or("none".to_owned(), |v| v.to_string()),
+                want.map_or("none".to_owned(), |v| v.to_string()),
+            ))
+            .into_response();
+        }
+        Ok(_) => {}
+    }
+    if let Some(storage) = &s.storage {
+        match tokio::time::timeout(READY_STORAGE_TIMEOUT, storage.reachable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Problem::unavailable(format!("storage {}: {e}", storage.describe()))
+                    .into_response();
+            }
+            Err(_) => {
+                return Problem::unavailable(format!(
+                    "storage {} did not answer within {READY_STORAGE_TIMEOUT:?}",
+                    storage.describe()
+                ))
+                .into_response();
+            }
+        }
+    }
+    axum::Json(Health {
+        status: "ready",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+    .into_response()
+}
+
+async fn metrics_text(State(s): State<HttpState>) -> Response {
+    let body = s.exporter.render().await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
