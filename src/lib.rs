@@ -14,6 +14,8 @@
 //! - [`openrouter`]: the provider client and its local stand-in server.
 //! - [`image`]: data-URL decoding, format sniffing, dimensions.
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
+//! - [`notify`]: push to other applications: webhook signing, delivery and the outbound guard,
+//!   and the event stream (the NOTIFY itself is the database's, see the push migration).
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
@@ -24,6 +26,7 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod image;
+pub mod notify;
 pub mod openrouter;
 pub mod pipeline;
 pub mod queue;

@@ -20,6 +20,7 @@ use imagegen::retry::RetryPolicy;
 use imagegen::storage::{Storage, StorageConfig};
 use imagegen::worker::{Worker, WorkerConfig};
 use rust_decimal::Decimal;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -124,6 +125,8 @@ enum Command {
     FakeOpenrouter(imagegen::openrouter::fake::FakeArgs),
     /// Benchmarks against the local Postgres and the stand-in, in their own database.
     Bench(imagegen::bench::BenchArgs),
+    /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
+    Deliveries(cli::deliveries::DeliveriesArgs),
 }
 
 #[derive(Subcommand)]
@@ -172,6 +175,13 @@ struct WorkerArgs {
     /// No call starts that could take today's (UTC) spend past this many USD.
     #[arg(long, env = "IMAGEGEN_DAILY_BUDGET_USD")]
     daily_budget_usd: Option<Decimal>,
+    /// DATABASE_URL goes through a transaction pooler (PgBouncer): no LISTEN (poll at
+    /// --poll-interval), no prepared-statement cache, and no migrating (the schema is checked
+    /// instead; run `imagegen migrate` on a direct URL).
+    #[arg(long, visible_alias = "pgbouncer", env = "IMAGEGEN_NO_LISTEN")]
+    no_listen: bool,
+    #[command(flatten)]
+    webhooks: cli::deliveries::WebhookArgs,
     #[command(flatten)]
     storage: StorageConfig,
     #[command(flatten)]
@@ -206,6 +216,9 @@ struct EnqueueArgs {
     /// JSON kept on the row untouched.
     #[arg(long)]
     metadata: Option<String>,
+    /// POST the finished job here (a signed webhook; http or https).
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -333,6 +346,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
+        Command::Deliveries(a) => cli::deliveries::run(open_queue(g, 2).await?, a).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -363,6 +377,7 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
         idempotency_key: a.idempotency_key,
         max_attempts: a.max_attempts,
         metadata,
+        callback_url: a.callback_url,
     };
     if let Some(prompt) = a.prompt {
         let job = NewJob { prompt, ..template };
@@ -532,7 +547,13 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
 
 async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
     let pool_size = u32::try_from(a.concurrency.clamp(4, 32)).unwrap_or(32);
-    let queue = open_queue(g, pool_size).await?;
+    let queue = if a.no_listen {
+        let pool = db::connect_through_pooler(&g.database_url, pool_size).await?;
+        db::check_schema(&pool, &g.database_url).await?;
+        Queue::without_listen(pool)
+    } else {
+        open_queue(g, pool_size).await?
+    };
     if a.provider.base_url != imagegen::openrouter::DEFAULT_BASE_URL {
         tracing::warn!(base_url = %a.provider.base_url, "provider is not OpenRouter itself");
     }
@@ -567,9 +588,22 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         exit_when_idle: a.exit_when_idle,
         only_batch: a.batch,
     };
-    Worker::new(queue, pipeline, config)
-        .run(shutdown_token())
-        .await?;
+    let shutdown = shutdown_token();
+    let stop_deliveries = CancellationToken::new();
+    let deliverer = cli::deliveries::spawn_deliverer(
+        &queue,
+        &a.webhooks,
+        a.poll_interval,
+        stop_deliveries.clone(),
+    )?;
+    let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
+    // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
+    // in the outbox for the next worker.
+    stop_deliveries.cancel();
+    if let Some(d) = deliverer {
+        let _ = d.await;
+    }
+    ran?;
     Ok(())
 }
 

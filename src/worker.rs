@@ -299,12 +299,16 @@ impl<H: Handler> Worker<H> {
 
         // Register interest in notifications before the first claim, so a job inserted in
         // between is not missed: either the claim sees it or the notification arrives.
-        let mut listener = match shared.queue.listen().await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for new jobs; polling only until reconnected");
-                None
-            }
+        // Through a transaction pooler (no LISTEN) the worker polls at `poll_interval`.
+        let mut listener = match shared.queue.listens() {
+            false => None,
+            true => match shared.queue.listen().await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for new jobs; polling only until reconnected");
+                    None
+                }
+            },
         };
 
         let background = CancellationToken::new();
@@ -439,7 +443,7 @@ impl<H: Handler> Worker<H> {
                 continue;
             }
             let wait = wait.max(Duration::from_millis(5));
-            if listener.is_none() {
+            if listener.is_none() && shared.queue.listens() {
                 listener = shared.queue.listen().await.ok();
             }
             shared.status.send_modify(|s| s.idle = tasks.is_empty());

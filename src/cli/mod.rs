@@ -4,6 +4,8 @@
 
 use tokio_util::sync::CancellationToken;
 
+pub mod deliveries;
+
 /// Turns a constraint violation into the rule it names, for people at a terminal.
 pub fn explain_constraint(e: imagegen::queue::QueueError) -> anyhow::Error {
     if let imagegen::queue::QueueError::Database(sqlx::Error::Database(db)) = &e

@@ -27,6 +27,9 @@ use uuid::Uuid;
 
 use crate::error::{Classify, ErrorClass};
 
+pub mod deliveries;
+pub mod events;
+
 /// The channel the insert trigger notifies (see the first migration).
 pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";
 
@@ -117,6 +120,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub max_attempts: Option<i32>,
     pub metadata: Option<serde_json::Value>,
+    /// Where to POST the finished job (a signed webhook); http(s) only.
+    pub callback_url: Option<String>,
 }
 
 /// What one attempt reported, whatever its outcome: billed failures are recorded too.
@@ -233,6 +238,7 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<Uuid>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    pub callback_url: Option<String>,
 }
 
 /// One row of `imagegen.attempts`.
@@ -333,11 +339,28 @@ const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, p
 #[derive(Debug, Clone)]
 pub struct Queue {
     pool: PgPool,
+    /// Whether the connections support LISTEN (not through a transaction pooler such as
+    /// PgBouncer): without it, everything that waits for a notification polls instead.
+    listen: bool,
 }
 
 impl Queue {
     pub fn new(pool: PgPool) -> Self {
-        Queue { pool }
+        Queue { pool, listen: true }
+    }
+
+    /// A queue on connections that cannot LISTEN (a transaction pooler): idle workers, the
+    /// deliverer and event streams poll at their interval instead.
+    pub fn without_listen(pool: PgPool) -> Self {
+        Queue {
+            pool,
+            listen: false,
+        }
+    }
+
+    /// False when this queue's connections cannot LISTEN; see [`Queue::without_listen`].
+    pub fn listens(&self) -> bool {
+        self.listen
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -357,9 +380,9 @@ impl Queue {
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 run_at, idempotency_key, max_attempts, metadata) \
+                 run_at, idempotency_key, max_attempts, metadata, callback_url) \
              VALUES ($1, COALESCE($2, '16:9'), COALESCE($3, 'google/gemini-2.5-flash-image'), $4, \
-                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10) \
+                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10, $11) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(&job.prompt)
@@ -372,6 +395,7 @@ impl Queue {
         .bind(&job.idempotency_key)
         .bind(job.max_attempts)
         .bind(&job.metadata)
+        .bind(&job.callback_url)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(id) = inserted {
@@ -399,6 +423,7 @@ impl Queue {
         let mut keys = Vec::with_capacity(jobs.len());
         let mut max_attempts = Vec::with_capacity(jobs.len());
         let mut metadata = Vec::with_capacity(jobs.len());
+        let mut callbacks = Vec::with_capacity(jobs.len());
         for j in jobs {
             prompts.push(j.prompt.clone());
             ratios.push(j.aspect_ratio.clone());
@@ -409,14 +434,16 @@ impl Queue {
             keys.push(j.idempotency_key.clone());
             max_attempts.push(j.max_attempts);
             metadata.push(j.metadata.clone());
+            callbacks.push(j.callback_url.clone());
         }
         let done = sqlx::query(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 idempotency_key, max_attempts, metadata) \
+                 idempotency_key, max_attempts, metadata, callback_url) \
              SELECT p, COALESCE(r, '16:9'), COALESCE(m, 'google/gemini-2.5-flash-image'), s, b, \
-                 COALESCE(pr, 0), k, COALESCE(ma, 3), md \
+                 COALESCE(pr, 0), k, COALESCE(ma, 3), md, cb \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], \
-                 $7::text[], $8::int[], $9::jsonb[]) AS t(p, r, m, s, b, pr, k, ma, md) \
+                 $7::text[], $8::int[], $9::jsonb[], $10::text[]) \
+                 AS t(p, r, m, s, b, pr, k, ma, md, cb) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(&prompts)
@@ -428,6 +455,7 @@ impl Queue {
         .bind(&keys)
         .bind(&max_attempts)
         .bind(&metadata)
+        .bind(&callbacks)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
