@@ -58,7 +58,7 @@ impl DeliveryConfig {
     /// How long a claim holds a delivery: past the call's timeout with room for the writes
     /// around it, so a live deliverer never loses a claim to a second one.
     pub fn lease(&self) -> Duration {
-        self.guard.timeout * 2 + Duration::from_secs(10)
+        self.guard.timeout * 2 + Duration::from_secs(2)
     }
 
     fn policy(&self) -> RetryPolicy {

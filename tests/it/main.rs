@@ -5,5 +5,6 @@ mod bench;
 mod helpers;
 mod openrouter;
 mod pipeline;
+mod push;
 mod queue;
 mod storage;
