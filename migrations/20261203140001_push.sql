@@ -14,10 +14,9 @@ ALTER TABLE imagegen.jobs ADD CONSTRAINT jobs_callback_url_valid CHECK (
     AND char_length(callback_url) <= 2000);
 
 -- One row per transition of a job into a final state. `id` is the event id the stream sends (and
--- a client's `Last-Event-ID`). Readers order by (`tx`, `id`) and read only rows whose transaction
--- is older than every transaction still running (see `Queue::events_after`): identity values are
--- handed out before commit, so by id alone a reader could pass an id whose transaction commits
--- later and never see it.
+-- a client's `Last-Event-ID`). Readers order by (`tx`, `id`) and read only rows below
+-- `event_horizon()` (see `Queue::events_after`): identity values are handed out before commit,
+-- so by id alone a reader could pass an id whose transaction commits later and never see it.
 CREATE TABLE imagegen.events (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- The writing transaction's 64-bit id (xid8, which never wraps), as bigint.
@@ -33,6 +32,37 @@ COMMENT ON TABLE imagegen.events IS
 
 CREATE INDEX events_order_idx ON imagegen.events (tx, id);
 CREATE INDEX events_batch_idx ON imagegen.events (batch, tx, id) WHERE batch IS NOT NULL;
+
+-- The first transaction id (64-bit) an event of a transaction still running in this database
+-- could have: every event with a smaller `tx` is committed (or rolled back) for good, so
+-- readers take only those and never pass one that commits later. Transactions of other
+-- databases of the cluster do not count (they cannot write these events), so a long one there
+-- does not hold the stream back. A transaction that can write an event has written to this
+-- database, so it holds a relation lock here until it ends; `pg_locks` shows those locks and
+-- each transaction's own id lock to every role. Call it in a statement *before* the read it
+-- bounds: a transaction ending in between is then visible to that read.
+CREATE FUNCTION imagegen.event_horizon() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    WITH snap AS (
+        SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax
+    ), here AS (
+        SELECT t.transactionid::text::bigint AS xid32
+        FROM pg_locks t
+        WHERE t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted
+          AND EXISTS (
+              SELECT 1 FROM pg_locks r
+              WHERE r.virtualtransaction = t.virtualtransaction AND r.locktype = 'relation'
+                AND r.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+    )
+    -- Widen each 32-bit id with the epoch of the snapshot's xmax (one epoch back if that
+    -- would put it past xmax).
+    SELECT least(snap.xmax, min(
+        CASE WHEN ((snap.xmax >> 32) << 32) + here.xid32 >= snap.xmax
+             THEN ((snap.xmax >> 32) << 32) + here.xid32 - 4294967296
+             ELSE ((snap.xmax >> 32) << 32) + here.xid32 END))
+    FROM snap LEFT JOIN here ON true
+    GROUP BY snap.xmax
+$$;
 
 -- The webhook outbox. A delivery is claimed like a job: `next_attempt_at` is pushed past the
 -- lease when claimed, so a deliverer that dies mid-call leaves it due again once the lease is

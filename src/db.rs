@@ -128,12 +128,19 @@ pub async fn connect_through_pooler(url: &str, max_connections: u32) -> Result<P
 /// rolling upgrade migrates first).
 pub async fn check_schema(pool: &PgPool, url: &str) -> Result<(), DbError> {
     let target = describe(url);
-    let applied: Vec<i64> = match sqlx::query_scalar(
-        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-    )
-    .fetch_all(pool)
-    .await
-    {
+    // Pinned and unnamed, as every statement through a pooler (see `queue::pooled`).
+    let read = async {
+        let mut tx = pool.begin().await?;
+        let versions = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<Vec<i64>, sqlx::Error>(versions)
+    };
+    let applied: Vec<i64> = match read.await {
         Ok(v) => v,
         // No migrations table: nothing was ever applied.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),

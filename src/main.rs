@@ -550,7 +550,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
     let queue = if a.no_listen {
         let pool = db::connect_through_pooler(&g.database_url, pool_size).await?;
         db::check_schema(&pool, &g.database_url).await?;
-        Queue::without_listen(pool)
+        Queue::through_pooler(pool)
     } else {
         open_queue(g, pool_size).await?
     };

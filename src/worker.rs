@@ -778,10 +778,7 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     "rescued jobs whose worker stopped renewing their lease"
                 );
                 // Wake this worker's claimer through the same path as an insert.
-                let _ = sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(crate::queue::NOTIFY_CHANNEL)
-                    .execute(shared.queue.pool())
-                    .await;
+                let _ = shared.queue.wake_workers().await;
             }
             Err(e) => debug!(error = %e, "rescue failed; will retry"),
         }

@@ -89,7 +89,7 @@ impl Queue {
         .bind(owner)
         .bind(limit.max(0))
         .bind(millis(lease))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -111,7 +111,7 @@ impl Queue {
         .bind(owner)
         .bind(d.attempts)
         .bind(body)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db())
         .await?)
     }
 
@@ -148,7 +148,7 @@ impl Queue {
         .bind(status.map(i32::from))
         .bind(error.map(|e| super::truncate_error(e)))
         .bind(delay)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -158,7 +158,7 @@ impl Queue {
         Ok(sqlx::query_scalar(
             "SELECT min(next_attempt_at) FROM imagegen.deliveries WHERE state = 'pending'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?)
     }
 
@@ -176,7 +176,7 @@ impl Queue {
         );
         Ok(sqlx::query_as(&sql)
             .bind(limit)
-            .fetch_all(&self.pool)
+            .fetch_all(self.db())
             .await?)
     }
 
@@ -188,7 +188,7 @@ impl Queue {
              FROM imagegen.deliveries WHERE id = $1",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db())
         .await?
         .ok_or(QueueError::NotFound(id))
     }
@@ -202,7 +202,7 @@ impl Queue {
              WHERE id = $1 AND (state <> 'pending' OR lease_owner IS NULL)",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         if done.rows_affected() == 1 {
             return Ok(());

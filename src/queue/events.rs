@@ -4,10 +4,13 @@
 //! Identity ids are handed out when a row is inserted, not when its transaction commits, so two
 //! finishing transactions can commit in the other order: a reader that had moved past id 12
 //! would never see id 11 committed after it. Rows are therefore read in (`tx`, `id`) order (the
-//! writing transaction's 64-bit id first) and only once their transaction is older than every
-//! transaction still running (`pg_snapshot_xmin`): no row can appear later in that prefix, so a
-//! position in it never skips anything. The cost is latency: an event waits for write
-//! transactions that began before it to end (ours are single statements).
+//! writing transaction's 64-bit id first) and only below `imagegen.event_horizon()`, the oldest
+//! transaction still running in this database: no row can appear later below it, so a position
+//! there never skips anything. The cost is latency: an event waits for the write transactions
+//! of this database that began before it to end (ours are single statements; an application's
+//! long transaction that wrote here delays events, never loses them). One known gap: a
+//! transaction that took an id without writing here (`SELECT pg_current_xact_id()`) and much
+//! later finishes a job could have that event passed over by a reader meanwhile.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -63,22 +66,26 @@ impl Queue {
                 let tx: Option<i64> =
                     sqlx::query_scalar("SELECT tx FROM imagegen.events WHERE id = $1")
                         .bind(id)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(self.db())
                         .await?;
                 let tx = tx.ok_or(QueueError::NotFound(id))?;
                 Ok(EventCursor { tx, id })
             }
             None => {
-                // Row comparison is strict: (xmin, 0) puts events of transactions still running
-                // (tx >= xmin) ahead and every finished one behind.
-                let tx: i64 = sqlx::query_scalar(
-                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-                )
-                .fetch_one(&self.pool)
-                .await?;
+                // Row comparison is strict: (horizon, 0) puts events of transactions still
+                // running (tx >= horizon) ahead and every finished one behind.
+                let tx = self.event_horizon().await?;
                 Ok(EventCursor { tx, id: 0 })
             }
         }
+    }
+
+    /// See `imagegen.event_horizon()` in the push migration. Its own statement, before the read
+    /// it bounds.
+    async fn event_horizon(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT imagegen.event_horizon()")
+            .fetch_one(self.db())
+            .await?)
     }
 
     /// Up to `limit` events after `cursor` (of one batch, if given), in the order that never
@@ -90,33 +97,34 @@ impl Queue {
         limit: i64,
     ) -> Result<Vec<Event>> {
         let limit = limit.clamp(1, MAX_EVENTS_PAGE);
+        let horizon = self.event_horizon().await?;
         // Two statements rather than `$3 IS NULL OR batch = $3`: each gets the plan of its index.
         let events = match batch {
             None => {
                 sqlx::query_as(
                     "SELECT id, tx, job_id, state, batch, created_at FROM imagegen.events \
                  WHERE (tx, id) > ($1, $2) \
-                   AND tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-                 ORDER BY tx, id LIMIT $3",
+                   AND tx < $4 ORDER BY tx, id LIMIT $3",
                 )
                 .bind(cursor.tx)
                 .bind(cursor.id)
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .bind(horizon)
+                .fetch_all(self.db())
                 .await?
             }
             Some(b) => {
                 sqlx::query_as(
                     "SELECT id, tx, job_id, state, batch, created_at FROM imagegen.events \
-                 WHERE batch = $4 AND (tx, id) > ($1, $2) \
-                   AND tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-                 ORDER BY tx, id LIMIT $3",
+                 WHERE batch = $5 AND (tx, id) > ($1, $2) \
+                   AND tx < $4 ORDER BY tx, id LIMIT $3",
                 )
                 .bind(cursor.tx)
                 .bind(cursor.id)
                 .bind(limit)
+                .bind(horizon)
                 .bind(b)
-                .fetch_all(&self.pool)
+                .fetch_all(self.db())
                 .await?
             }
         };

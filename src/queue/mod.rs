@@ -29,6 +29,9 @@ use crate::error::{Classify, ErrorClass};
 
 pub mod deliveries;
 pub mod events;
+mod pooled;
+
+use pooled::Db;
 
 /// The channel the insert trigger notifies (see the first migration).
 pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";
@@ -339,28 +342,52 @@ const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, p
 #[derive(Debug, Clone)]
 pub struct Queue {
     pool: PgPool,
-    /// Whether the connections support LISTEN (not through a transaction pooler such as
-    /// PgBouncer): without it, everything that waits for a notification polls instead.
-    listen: bool,
+    /// The pool reaches Postgres through a transaction pooler (PgBouncer): no LISTEN (idle
+    /// workers, the deliverer and event streams poll instead) and every statement pinned and
+    /// unnamed (see `pooled`).
+    pooled: bool,
 }
 
 impl Queue {
     pub fn new(pool: PgPool) -> Self {
-        Queue { pool, listen: true }
-    }
-
-    /// A queue on connections that cannot LISTEN (a transaction pooler): idle workers, the
-    /// deliverer and event streams poll at their interval instead.
-    pub fn without_listen(pool: PgPool) -> Self {
         Queue {
             pool,
-            listen: false,
+            pooled: false,
         }
     }
 
-    /// False when this queue's connections cannot LISTEN; see [`Queue::without_listen`].
+    /// A queue whose pool goes through a transaction pooler; see the `pooled` module.
+    pub fn through_pooler(pool: PgPool) -> Self {
+        Queue { pool, pooled: true }
+    }
+
+    /// False through a pooler: LISTEN needs a session of its own.
     pub fn listens(&self) -> bool {
-        self.listen
+        !self.pooled
+    }
+
+    /// Where this queue's statements run. All of them go through here.
+    fn db(&self) -> Db<'_> {
+        if self.pooled {
+            Db::Pooled(&self.pool)
+        } else {
+            Db::Direct(&self.pool)
+        }
+    }
+
+    /// Whether statements inside an explicit transaction may be kept prepared on the server
+    /// (not through a pooler: the next client of that server would collide with them).
+    fn keep_statements(&self) -> bool {
+        !self.pooled
+    }
+
+    /// Wakes idle workers everywhere (after jobs became due other than by an insert).
+    pub async fn wake_workers(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(self.db())
+            .await?;
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -396,14 +423,14 @@ impl Queue {
         .bind(job.max_attempts)
         .bind(&job.metadata)
         .bind(&job.callback_url)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db())
         .await?;
         if let Some(id) = inserted {
             return Ok(Enqueued { id, created: true });
         }
         let id: i64 = sqlx::query_scalar("SELECT id FROM imagegen.jobs WHERE idempotency_key = $1")
             .bind(&job.idempotency_key)
-            .fetch_one(&self.pool)
+            .fetch_one(self.db())
             .await?;
         Ok(Enqueued { id, created: false })
     }
@@ -456,7 +483,7 @@ impl Queue {
         .bind(&max_attempts)
         .bind(&metadata)
         .bind(&callbacks)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(done.rows_affected())
     }
@@ -520,7 +547,7 @@ impl Queue {
         if let Some(only) = &filter.only {
             query = query.bind(only);
         }
-        let mut jobs: Vec<Job> = query.fetch_all(&self.pool).await?;
+        let mut jobs: Vec<Job> = query.fetch_all(self.db()).await?;
         // RETURNING gives no order; hand jobs out in the order the claim chose them.
         jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
         Ok(jobs)
@@ -553,7 +580,7 @@ impl Queue {
         .bind(&ids)
         .bind(&attempts)
         .bind(millis(lease))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         Ok(renewed)
     }
@@ -696,7 +723,7 @@ impl Queue {
         .bind(&images.widths)
         .bind(&images.heights)
         .bind(&images.hashes)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
         Ok(completions
@@ -734,7 +761,7 @@ impl Queue {
              SELECT id FROM done",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         Ok(rescued.len() as u64)
     }
@@ -746,7 +773,7 @@ impl Queue {
              WHERE id = $1 AND state = 'pending'",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         if done.rows_affected() == 1 {
             return Ok(());
@@ -763,7 +790,7 @@ impl Queue {
              WHERE batch = $1 AND state = 'pending'",
         )
         .bind(batch)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(done.rows_affected())
     }
@@ -778,6 +805,7 @@ impl Queue {
              WHERE id = $1 AND state IN ('failed', 'cancelled')",
         )
         .bind(id)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -786,7 +814,7 @@ impl Queue {
                 .wrong_state(id, "only a failed or cancelled job can be retried")
                 .await);
         }
-        notify(&mut tx).await?;
+        notify(&mut tx, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -800,9 +828,10 @@ impl Queue {
              WHERE state = 'failed' AND ($1::text IS NULL OR batch = $1)",
         )
         .bind(batch)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
-        notify(&mut tx).await?;
+        notify(&mut tx, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
@@ -811,7 +840,7 @@ impl Queue {
     pub async fn job(&self, id: i64) -> Result<JobRow> {
         sqlx::query_as("SELECT * FROM imagegen.jobs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await?
             .ok_or(QueueError::NotFound(id))
     }
@@ -825,7 +854,7 @@ impl Queue {
              FROM imagegen.attempts WHERE job_id = $1 ORDER BY id",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -836,7 +865,7 @@ impl Queue {
              FROM imagegen.images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -845,7 +874,7 @@ impl Queue {
         Ok(
             sqlx::query_as("SELECT * FROM imagegen.jobs WHERE batch = $1 ORDER BY id")
                 .bind(batch)
-                .fetch_all(&self.pool)
+                .fetch_all(self.db())
                 .await?,
         )
     }
@@ -861,7 +890,7 @@ impl Queue {
         )
         .bind(by_batch)
         .bind(batch)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -876,7 +905,7 @@ impl Queue {
                  AND ($1::text IS NULL OR batch = $1))",
         )
         .bind(batch)
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?)
     }
 
@@ -885,7 +914,7 @@ impl Queue {
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
         Ok(
             sqlx::query_scalar("SELECT min(run_at) FROM imagegen.jobs WHERE state = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?,
         )
     }
@@ -896,7 +925,7 @@ impl Queue {
             .bind(id)
             .bind(hostname)
             .bind(i32::try_from(pid).unwrap_or(i32::MAX))
-            .execute(&self.pool)
+            .execute(self.db())
             .await?;
         Ok(())
     }
@@ -915,7 +944,7 @@ impl Queue {
         .bind(id)
         .bind(paused_until)
         .bind(pause_reason)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -927,7 +956,7 @@ impl Queue {
                  pause_reason = NULL WHERE id = $1",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -941,7 +970,7 @@ impl Queue {
              ORDER BY started_at",
         )
         .bind(millis(fresh))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -966,7 +995,7 @@ impl Queue {
         .bind(&idx)
         .bind(images)
         .bind(generation_id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -977,7 +1006,7 @@ impl Queue {
             "SELECT data FROM imagegen.paid_images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(job_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -985,7 +1014,7 @@ impl Queue {
     pub async fn drop_stash(&self, job_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM imagegen.paid_images WHERE job_id = $1")
             .bind(job_id)
-            .execute(&self.pool)
+            .execute(self.db())
             .await?;
         Ok(())
     }
@@ -1015,6 +1044,7 @@ impl Queue {
         if let (Some(batch), Some(budget)) = (&job.batch, batch_budget) {
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.batch:' || $1))")
                 .bind(batch)
+                .persistent(self.keep_statements())
                 .execute(&mut *tx)
                 .await?;
             let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
@@ -1023,6 +1053,7 @@ impl Queue {
                  FROM imagegen.jobs WHERE batch = $1",
             )
             .bind(batch)
+            .persistent(self.keep_statements())
             .fetch_one(&mut *tx)
             .await?;
             if billed + in_flight + expected > budget {
@@ -1035,6 +1066,7 @@ impl Queue {
         }
         if let Some(budget) = daily_budget {
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.daily'))")
+                .persistent(self.keep_statements())
                 .execute(&mut *tx)
                 .await?;
             let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
@@ -1044,6 +1076,7 @@ impl Queue {
                      (SELECT COALESCE(sum(reserved_usd), 0) FROM imagegen.jobs \
                          WHERE state = 'running')",
             )
+            .persistent(self.keep_statements())
             .fetch_one(&mut *tx)
             .await?;
             if billed + in_flight + expected > budget {
@@ -1063,6 +1096,7 @@ impl Queue {
         .bind(lease.worker)
         .bind(lease.attempt)
         .bind(expected)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1084,13 +1118,13 @@ impl Queue {
                 )
                 .bind(batch)
                 .bind(b)
-                .execute(&self.pool)
+                .execute(self.db())
                 .await?;
             }
             None => {
                 sqlx::query("DELETE FROM imagegen.batch_budgets WHERE batch = $1")
                     .bind(batch)
-                    .execute(&self.pool)
+                    .execute(self.db())
                     .await?;
             }
         }
@@ -1105,7 +1139,7 @@ impl Queue {
                      AS spent_usd \
              FROM imagegen.batch_budgets b ORDER BY b.batch",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -1114,7 +1148,7 @@ impl Queue {
         Ok(
             sqlx::query_scalar("SELECT budget_usd FROM imagegen.batch_budgets WHERE batch = $1")
                 .bind(batch)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db())
                 .await?,
         )
     }
@@ -1122,7 +1156,7 @@ impl Queue {
     async fn wrong_state(&self, id: i64, what: &'static str) -> QueueError {
         match sqlx::query_scalar::<_, String>("SELECT state FROM imagegen.jobs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await
         {
             Ok(Some(state)) => QueueError::WrongState { id, state, what },
@@ -1169,9 +1203,10 @@ impl<'a> ImageColumns<'a> {
     }
 }
 
-async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+async fn notify(tx: &mut Transaction<'_, Postgres>, keep: bool) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
+        .persistent(keep)
         .execute(&mut **tx)
         .await?;
     Ok(())
