@@ -595,7 +595,8 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         &a.webhooks,
         a.poll_interval,
         stop_deliveries.clone(),
-    )?;
+    )
+    .await?;
     let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
     // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
     // in the outbox for the next worker.

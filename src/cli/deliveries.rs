@@ -31,16 +31,21 @@ pub struct WebhookArgs {
 
 /// Starts the delivery loop for the worker, if a secret is set (unsigned webhooks are never
 /// sent: deliveries wait, and `imagegen deliveries` shows them pending).
-pub fn spawn_deliverer(
+pub async fn spawn_deliverer(
     queue: &Queue,
     args: &WebhookArgs,
     poll_interval: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Option<JoinHandle<()>>> {
     let Some(secret) = WebhookSecret::from_env()? else {
-        tracing::warn!(
-            "{SECRET_ENV} is not set: webhook deliveries are not sent by this worker (they wait)"
-        );
+        // Loud only when it matters: some job asked for a webhook.
+        if queue.next_delivery_due().await?.is_some() {
+            tracing::warn!(
+                "{SECRET_ENV} is not set: webhook deliveries wait unsent until a worker has it"
+            );
+        } else {
+            tracing::info!("{SECRET_ENV} is not set: this worker sends no webhooks");
+        }
         return Ok(None);
     };
     let config = DeliveryConfig {

@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn never_prints_the_key() {
         let text = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-        let secret = WebhookSecret::parse(&text).unwrap();
+        let secret = WebhookSecret::parse(text).unwrap();
         let shown = format!("{secret:?}");
         assert_eq!(shown, "WebhookSecret(..)");
         assert!(!shown.contains(&text[SECRET_PREFIX.len()..]));

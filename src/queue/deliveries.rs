@@ -146,7 +146,7 @@ impl Queue {
         .bind(d.attempts)
         .bind(state)
         .bind(status.map(i32::from))
-        .bind(error.map(|e| super::truncate_error(e)))
+        .bind(error.map(super::truncate_error))
         .bind(delay)
         .execute(self.db())
         .await?;
