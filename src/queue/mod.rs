@@ -12,6 +12,10 @@
 //!   pending --cancel--> cancelled;  failed | cancelled --retry--> pending
 //! ```
 //!
+//! Split by what they own: `events.rs` the event log (the stream's source), `deliveries.rs` the
+//! webhook outbox, `pooled.rs` how statements run through a transaction pooler. Every
+//! statement runs on `self.db()`, never on the pool itself, so that mode stays correct.
+//!
 //! The fencing token of a running job is `(lease_owner, attempts)`: a claim bumps `attempts` and
 //! sets `lease_owner`, and every write that finishes or renews a job checks both, so a worker whose
 //! job was rescued and claimed again (even by the same worker) can never overwrite the new result.

@@ -232,3 +232,33 @@ async fn a_worker_killed_between_commit_and_delivery_delivers_after_restart(
             .unwrap();
     assert_eq!(attempts, 1);
 }
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn a_delivery_still_failing_after_a_day_is_marked_failed(pool: PgPool) {
+    let receiver = Receiver::start(|_| Answer::Status(503)).await;
+    let queue = Queue::new(pool.clone());
+    let job = job_with_callback(&queue, "an old one", receiver.url()).await;
+    claim_and_finish(&queue, |_| succeeded()).await;
+    // As if it had been failing since yesterday.
+    sqlx::query("UPDATE imagegen.deliveries SET created_at = now() - interval '25 hours'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let stop = start(&queue, quick(true));
+    wait_until(WAIT, "the delivery to be given up", || async {
+        delivery_state(&pool, job).await.as_deref() == Some("failed")
+    })
+    .await;
+    stop.cancel();
+    assert_eq!(receiver.received().len(), 1, "one last try, then no more");
+    let (status, error): (Option<i32>, String) =
+        sqlx::query_as("SELECT last_status, last_error FROM imagegen.deliveries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, Some(503));
+    assert!(error.starts_with("gave up after 1 attempts"), "{error}");
+    let listed = queue.deliveries(true, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].job_id, job);
+}
