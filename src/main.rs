@@ -176,8 +176,8 @@ struct WorkerArgs {
     #[arg(long, env = "IMAGEGEN_DAILY_BUDGET_USD")]
     daily_budget_usd: Option<Decimal>,
     /// DATABASE_URL goes through a transaction pooler (PgBouncer): no LISTEN (poll at
-    /// --poll-interval), no prepared-statement cache, and no migrating (the schema is checked
-    /// instead; run `imagegen migrate` on a direct URL).
+    /// --poll-interval), every statement unnamed in its own transaction, and no migrating (the
+    /// schema is checked instead; run `imagegen migrate` on a direct URL).
     #[arg(long, visible_alias = "pgbouncer", env = "IMAGEGEN_NO_LISTEN")]
     no_listen: bool,
     #[command(flatten)]
