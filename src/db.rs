@@ -27,13 +27,29 @@ pub enum DbError {
     },
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Through a pooler the worker does not migrate (the migrator's session lock cannot work
+    /// there); it refuses to run on a schema older than its own.
+    #[error(
+        "the schema at {target} is behind this binary (missing migration {missing}); run \
+         `imagegen migrate` with a DATABASE_URL that reaches Postgres directly, not through \
+         the pooler"
+    )]
+    SchemaBehind { target: String, missing: String },
+    #[error("cannot read the schema version at {target}")]
+    SchemaUnreadable {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 impl Classify for DbError {
     fn class(&self) -> ErrorClass {
         match self {
-            DbError::BadUrl(_) | DbError::Migrate(_) => ErrorClass::Permanent,
-            DbError::Connect { .. } => ErrorClass::RETRY,
+            DbError::BadUrl(_) | DbError::Migrate(_) | DbError::SchemaBehind { .. } => {
+                ErrorClass::Permanent
+            }
+            DbError::Connect { .. } | DbError::SchemaUnreadable { .. } => ErrorClass::RETRY,
         }
     }
 }
@@ -86,4 +102,59 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     crate::MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Opens a pool for use through a transaction pooler (PgBouncer in `pool_mode = transaction`):
+/// no statement cache (a named prepared statement outlives the transaction it was made in, and
+/// the next transaction may run on another server connection), and no creating the database.
+pub async fn connect_through_pooler(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse::<PgConnectOptions>()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(e.to_string()))?
+        .statement_cache_capacity(0);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|source| DbError::Connect {
+            target: describe(url),
+            source,
+        })
+}
+
+/// Checks that every migration of this binary has been applied, without migrating: for
+/// processes that reach Postgres through a pooler. A schema newer than the binary is fine (a
+/// rolling upgrade migrates first).
+pub async fn check_schema(pool: &PgPool, url: &str) -> Result<(), DbError> {
+    let target = describe(url);
+    // Pinned and unnamed, as every statement through a pooler (see `queue::pooled`).
+    let read = async {
+        let mut tx = pool.begin().await?;
+        let versions = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok::<Vec<i64>, sqlx::Error>(versions)
+    };
+    let applied: Vec<i64> = match read.await {
+        Ok(v) => v,
+        // No migrations table: nothing was ever applied.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+        Err(source) => return Err(DbError::SchemaUnreadable { target, source }),
+    };
+    let missing = crate::MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .find(|m| applied.binary_search(&m.version).is_err());
+    match missing {
+        Some(m) => Err(DbError::SchemaBehind {
+            target,
+            missing: format!("{} {}", m.version, m.description),
+        }),
+        None => Ok(()),
+    }
 }

@@ -14,6 +14,8 @@
 //! - [`openrouter`]: the provider client and its local stand-in server.
 //! - [`image`]: data-URL decoding, format sniffing, dimensions.
 //! - [`storage`]: S3 and local-directory backends and the object key scheme.
+//! - [`notify`]: push to other applications: webhook signing, delivery and the outbound guard,
+//!   and the event stream (the NOTIFY itself is the database's, see the push migration).
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
 //! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
 //! - [`http`]: the HTTP server: JSON API with its OpenAPI document, health, `/metrics`, access.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod http;
 pub mod image;
 pub mod metrics;
+pub mod notify;
 pub mod openrouter;
 pub mod pipeline;
 pub mod queue;

@@ -130,6 +130,8 @@ enum Command {
     Renditions(cli::renditions::RenditionsCommand),
     /// The HTTP API, health probes and Prometheus metrics, without a worker.
     Serve(Box<cli::serve::ServeArgs>),
+    /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
+    Deliveries(cli::deliveries::DeliveriesArgs),
 }
 
 #[derive(Subcommand)]
@@ -189,6 +191,13 @@ struct WorkerArgs {
     http_auth: imagegen::http::auth::AuthArgs,
     #[command(flatten)]
     renditions: imagegen::image::renditions::RenditionSettings,
+    /// DATABASE_URL goes through a transaction pooler (PgBouncer): no LISTEN (poll at
+    /// --poll-interval), every statement unnamed in its own transaction, and no migrating (the
+    /// schema is checked instead; run `imagegen migrate` on a direct URL).
+    #[arg(long, visible_alias = "pgbouncer", env = "IMAGEGEN_NO_LISTEN")]
+    no_listen: bool,
+    #[command(flatten)]
+    webhooks: cli::deliveries::WebhookArgs,
     #[command(flatten)]
     storage: StorageConfig,
     #[command(flatten)]
@@ -223,6 +232,9 @@ struct EnqueueArgs {
     /// JSON kept on the row untouched.
     #[arg(long)]
     metadata: Option<String>,
+    /// POST the finished job here (a signed webhook; http or https).
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -357,6 +369,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bound = imagegen::http::bind(a.listen, &a.auth).await?;
             cli::serve::run(open_queue(g, 8).await?, *a, bound).await?
         }
+        Command::Deliveries(a) => cli::deliveries::run(open_queue(g, 2).await?, a).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -387,6 +400,8 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
         idempotency_key: a.idempotency_key,
         max_attempts: a.max_attempts,
         metadata,
+        callback_url: a.callback_url,
+        renditions: Vec::new(),
     };
     if let Some(prompt) = a.prompt {
         let job = NewJob { prompt, ..template };
@@ -559,7 +574,13 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         None => None,
     };
     let pool_size = u32::try_from(a.concurrency.clamp(4, 32)).unwrap_or(32);
-    let queue = open_queue(g, pool_size).await?;
+    let queue = if a.no_listen {
+        let pool = db::connect_through_pooler(&g.database_url, pool_size).await?;
+        db::check_schema(&pool, &g.database_url).await?;
+        Queue::through_pooler(pool)
+    } else {
+        open_queue(g, pool_size).await?
+    };
     if let Some(usd) = a.daily_budget_usd {
         queue
             .set_daily_budget(Some(usd))
@@ -613,9 +634,22 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         exit_when_idle: a.exit_when_idle,
         only_batch: a.batch,
     };
-    let ran = Worker::new(queue, pipeline, config)
-        .run(shutdown_token())
-        .await;
+    let shutdown = shutdown_token();
+    let stop_deliveries = CancellationToken::new();
+    let deliverer = cli::deliveries::spawn_deliverer(
+        &queue,
+        &a.webhooks,
+        a.poll_interval,
+        stop_deliveries.clone(),
+    )
+    .await?;
+    let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
+    // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
+    // in the outbox for the next worker.
+    stop_deliveries.cancel();
+    if let Some(d) = deliverer {
+        let _ = d.await;
+    }
     http_stop.cancel();
     if let Some(task) = http_task {
         task.await.context("the HTTP server task failed")??;

@@ -300,12 +300,16 @@ impl<H: Handler> Worker<H> {
 
         // Register interest in notifications before the first claim, so a job inserted in
         // between is not missed: either the claim sees it or the notification arrives.
-        let mut listener = match shared.queue.listen().await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for new jobs; polling only until reconnected");
-                None
-            }
+        // Through a transaction pooler (no LISTEN) the worker polls at `poll_interval`.
+        let mut listener = match shared.queue.listens() {
+            false => None,
+            true => match shared.queue.listen().await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for new jobs; polling only until reconnected");
+                    None
+                }
+            },
         };
 
         let background = CancellationToken::new();
@@ -441,7 +445,7 @@ impl<H: Handler> Worker<H> {
                 continue;
             }
             let wait = wait.max(Duration::from_millis(5));
-            if listener.is_none() {
+            if listener.is_none() && shared.queue.listens() {
                 listener = shared.queue.listen().await.ok();
             }
             shared.status.send_modify(|s| s.idle = tasks.is_empty());
@@ -785,10 +789,7 @@ async fn rescue_loop(shared: Arc<Shared>, stop: CancellationToken) {
                     "rescued jobs whose worker stopped renewing their lease"
                 );
                 // Wake this worker's claimer through the same path as an insert.
-                let _ = sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(crate::queue::NOTIFY_CHANNEL)
-                    .execute(shared.queue.pool())
-                    .await;
+                let _ = shared.queue.wake_workers().await;
             }
             Err(e) => debug!(error = %e, "rescue failed; will retry"),
         }

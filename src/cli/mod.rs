@@ -7,6 +7,7 @@ pub mod renditions;
 use tokio_util::sync::CancellationToken;
 
 pub mod budget;
+pub mod deliveries;
 pub mod serve;
 
 /// Turns a constraint violation into the rule it names, for people at a terminal.

@@ -353,6 +353,14 @@ pub struct JobRequest {
     pub max_attempts: Option<i32>,
     /// Any JSON, kept untouched.
     pub metadata: Option<serde_json::Value>,
+    /// Where to POST the finished job as a signed webhook (http or https; `jobs_callback_url_valid`).
+    #[schema(max_length = 2000, pattern = r"^[hH][tT][tT][pP][sS]?://")]
+    pub callback_url: Option<String>,
+    /// Renditions to make of each image: `og`, `thumb`, `webp`, `WxH.fmt`, `Ww.fmt` (fmt jpg,
+    /// jpeg, png or webp; at most 8; `jobs_renditions_valid`). `thumb` is made anyway.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub renditions: Vec<String>,
 }
 
 impl From<JobRequest> for NewJob {
@@ -368,6 +376,8 @@ impl From<JobRequest> for NewJob {
             idempotency_key: r.idempotency_key,
             max_attempts: r.max_attempts,
             metadata: r.metadata,
+            callback_url: r.callback_url,
+            renditions: r.renditions,
         }
     }
 }

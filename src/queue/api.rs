@@ -543,9 +543,10 @@ impl Queue {
             let item = |source| SubmitError::Item { index, source };
             let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, \
-                     priority, run_at, idempotency_key, max_attempts, metadata) \
+                     priority, run_at, idempotency_key, max_attempts, metadata, callback_url, \
+                     renditions) \
                  VALUES ($1, COALESCE($2, $11), COALESCE($3, $12), $4, $5, COALESCE($6, $13), \
-                     COALESCE($7, now()), $8, COALESCE($9, $14), $10) \
+                     COALESCE($7, now()), $8, COALESCE($9, $14), $10, $15, $16) \
                  ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             )
             .bind(&job.prompt)
@@ -562,6 +563,8 @@ impl Queue {
             .bind(DEFAULT_MODEL)
             .bind(DEFAULT_PRIORITY)
             .bind(DEFAULT_MAX_ATTEMPTS)
+            .bind(&job.callback_url)
+            .bind(&job.renditions)
             .fetch_optional(&mut *tx)
             .await
             .map_err(item)?;
@@ -577,7 +580,8 @@ impl Queue {
                      AND batch IS NOT DISTINCT FROM $6 AND priority = COALESCE($7, $13) \
                      AND max_attempts = COALESCE($8, $14) \
                      AND metadata IS NOT DISTINCT FROM $9 \
-                     AND ($10::timestamptz IS NULL OR run_at = $10)) IS TRUE \
+                     AND ($10::timestamptz IS NULL OR run_at = $10) \
+                     AND callback_url IS NOT DISTINCT FROM $15 AND renditions = $16) IS TRUE \
                  FROM imagegen.jobs WHERE idempotency_key = $1",
             )
             .bind(&key)
@@ -594,6 +598,8 @@ impl Queue {
             .bind(DEFAULT_MODEL)
             .bind(DEFAULT_PRIORITY)
             .bind(DEFAULT_MAX_ATTEMPTS)
+            .bind(&job.callback_url)
+            .bind(&job.renditions)
             .fetch_one(&mut *tx)
             .await
             .map_err(item)?;

@@ -12,6 +12,10 @@
 //!   pending --cancel--> cancelled;  failed | cancelled --retry--> pending
 //! ```
 //!
+//! Split by what they own: `events.rs` the event log (the stream's source), `deliveries.rs` the
+//! webhook outbox, `pooled.rs` how statements run through a transaction pooler. Every
+//! statement runs on `self.db()`, never on the pool itself, so that mode stays correct.
+//!
 //! The fencing token of a running job is `(lease_owner, attempts)`: a claim bumps `attempts` and
 //! sets `lease_owner`, and every write that finishes or renews a job checks both, so a worker whose
 //! job was rescued and claimed again (even by the same worker) can never overwrite the new result.
@@ -30,6 +34,11 @@ use crate::error::{Classify, ErrorClass};
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
 pub mod api;
+pub mod deliveries;
+pub mod events;
+mod pooled;
+
+use pooled::Db;
 
 /// The channel the insert trigger notifies (see the first migration).
 pub const NOTIFY_CHANNEL: &str = "imagegen_jobs";
@@ -123,6 +132,10 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     pub max_attempts: Option<i32>,
     pub metadata: Option<serde_json::Value>,
+    /// Where to POST the finished job (a signed webhook); http(s) only.
+    pub callback_url: Option<String>,
+    /// Rendition specs (`og`, `thumb`, `webp`, `WxH.fmt`, `Ww.fmt`; `jobs_renditions_valid`).
+    pub renditions: Vec<String>,
 }
 
 /// What one attempt reported, whatever its outcome: billed failures are recorded too.
@@ -239,6 +252,7 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub lease_owner: Option<Uuid>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    pub callback_url: Option<String>,
 }
 
 /// One row of `imagegen.attempts`.
@@ -339,11 +353,52 @@ const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, p
 #[derive(Debug, Clone)]
 pub struct Queue {
     pool: PgPool,
+    /// The pool reaches Postgres through a transaction pooler (PgBouncer): no LISTEN (idle
+    /// workers, the deliverer and event streams poll instead) and every statement pinned and
+    /// unnamed (see `pooled`).
+    pooled: bool,
 }
 
 impl Queue {
     pub fn new(pool: PgPool) -> Self {
-        Queue { pool }
+        Queue {
+            pool,
+            pooled: false,
+        }
+    }
+
+    /// A queue whose pool goes through a transaction pooler; see the `pooled` module.
+    pub fn through_pooler(pool: PgPool) -> Self {
+        Queue { pool, pooled: true }
+    }
+
+    /// False through a pooler: LISTEN needs a session of its own.
+    pub fn listens(&self) -> bool {
+        !self.pooled
+    }
+
+    /// Where this queue's statements run. All of them go through here.
+    fn db(&self) -> Db<'_> {
+        if self.pooled {
+            Db::Pooled(&self.pool)
+        } else {
+            Db::Direct(&self.pool)
+        }
+    }
+
+    /// Whether statements inside an explicit transaction may be kept prepared on the server
+    /// (not through a pooler: the next client of that server would collide with them).
+    fn keep_statements(&self) -> bool {
+        !self.pooled
+    }
+
+    /// Wakes idle workers everywhere (after jobs became due other than by an insert).
+    pub async fn wake_workers(&self) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(self.db())
+            .await?;
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -363,9 +418,9 @@ impl Queue {
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 run_at, idempotency_key, max_attempts, metadata) \
+                 run_at, idempotency_key, max_attempts, metadata, callback_url, renditions) \
              VALUES ($1, COALESCE($2, '16:9'), COALESCE($3, 'google/gemini-2.5-flash-image'), $4, \
-                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10) \
+                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10, $11, $12) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(&job.prompt)
@@ -378,14 +433,16 @@ impl Queue {
         .bind(&job.idempotency_key)
         .bind(job.max_attempts)
         .bind(&job.metadata)
-        .fetch_optional(&self.pool)
+        .bind(&job.callback_url)
+        .bind(&job.renditions)
+        .fetch_optional(self.db())
         .await?;
         if let Some(id) = inserted {
             return Ok(Enqueued { id, created: true });
         }
         let id: i64 = sqlx::query_scalar("SELECT id FROM imagegen.jobs WHERE idempotency_key = $1")
             .bind(&job.idempotency_key)
-            .fetch_one(&self.pool)
+            .fetch_one(self.db())
             .await?;
         Ok(Enqueued { id, created: false })
     }
@@ -405,6 +462,9 @@ impl Queue {
         let mut keys = Vec::with_capacity(jobs.len());
         let mut max_attempts = Vec::with_capacity(jobs.len());
         let mut metadata = Vec::with_capacity(jobs.len());
+        let mut callbacks = Vec::with_capacity(jobs.len());
+        // Comma-joined: Postgres arrays of arrays must be rectangular, and no spec holds a comma.
+        let mut renditions = Vec::with_capacity(jobs.len());
         for j in jobs {
             prompts.push(j.prompt.clone());
             ratios.push(j.aspect_ratio.clone());
@@ -415,14 +475,18 @@ impl Queue {
             keys.push(j.idempotency_key.clone());
             max_attempts.push(j.max_attempts);
             metadata.push(j.metadata.clone());
+            callbacks.push(j.callback_url.clone());
+            renditions.push(j.renditions.join(","));
         }
         let done = sqlx::query(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 idempotency_key, max_attempts, metadata) \
+                 idempotency_key, max_attempts, metadata, callback_url, renditions) \
              SELECT p, COALESCE(r, '16:9'), COALESCE(m, 'google/gemini-2.5-flash-image'), s, b, \
-                 COALESCE(pr, 0), k, COALESCE(ma, 3), md \
+                 COALESCE(pr, 0), k, COALESCE(ma, 3), md, cb, \
+                 COALESCE(string_to_array(NULLIF(rs, ''), ','), '{}') \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], \
-                 $7::text[], $8::int[], $9::jsonb[]) AS t(p, r, m, s, b, pr, k, ma, md) \
+                 $7::text[], $8::int[], $9::jsonb[], $10::text[], $11::text[]) \
+                 AS t(p, r, m, s, b, pr, k, ma, md, cb, rs) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(&prompts)
@@ -434,7 +498,9 @@ impl Queue {
         .bind(&keys)
         .bind(&max_attempts)
         .bind(&metadata)
-        .execute(&self.pool)
+        .bind(&callbacks)
+        .bind(&renditions)
+        .execute(self.db())
         .await?;
         Ok(done.rows_affected())
     }
@@ -498,7 +564,7 @@ impl Queue {
         if let Some(only) = &filter.only {
             query = query.bind(only);
         }
-        let mut jobs: Vec<Job> = query.fetch_all(&self.pool).await?;
+        let mut jobs: Vec<Job> = query.fetch_all(self.db()).await?;
         // RETURNING gives no order; hand jobs out in the order the claim chose them.
         jobs.sort_by_key(|j| (std::cmp::Reverse(j.priority), j.id));
         Ok(jobs)
@@ -531,7 +597,7 @@ impl Queue {
         .bind(&ids)
         .bind(&attempts)
         .bind(millis(lease))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         Ok(renewed)
     }
@@ -674,7 +740,7 @@ impl Queue {
         .bind(&images.widths)
         .bind(&images.heights)
         .bind(&images.hashes)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
         Ok(completions
@@ -712,7 +778,7 @@ impl Queue {
              SELECT id FROM done",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         Ok(rescued.len() as u64)
     }
@@ -724,7 +790,7 @@ impl Queue {
              WHERE id = $1 AND state = 'pending'",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         if done.rows_affected() == 1 {
             return Ok(());
@@ -741,7 +807,7 @@ impl Queue {
              WHERE batch = $1 AND state = 'pending'",
         )
         .bind(batch)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(done.rows_affected())
     }
@@ -756,6 +822,7 @@ impl Queue {
              WHERE id = $1 AND state IN ('failed', 'cancelled')",
         )
         .bind(id)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -764,7 +831,7 @@ impl Queue {
                 .wrong_state(id, "only a failed or cancelled job can be retried")
                 .await);
         }
-        notify(&mut tx).await?;
+        notify(&mut tx, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -778,9 +845,10 @@ impl Queue {
              WHERE state = 'failed' AND ($1::text IS NULL OR batch = $1)",
         )
         .bind(batch)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
-        notify(&mut tx).await?;
+        notify(&mut tx, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(done.rows_affected())
     }
@@ -789,7 +857,7 @@ impl Queue {
     pub async fn job(&self, id: i64) -> Result<JobRow> {
         sqlx::query_as("SELECT * FROM imagegen.jobs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await?
             .ok_or(QueueError::NotFound(id))
     }
@@ -803,7 +871,7 @@ impl Queue {
              FROM imagegen.attempts WHERE job_id = $1 ORDER BY id",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -814,7 +882,7 @@ impl Queue {
              FROM imagegen.images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -823,7 +891,7 @@ impl Queue {
         Ok(
             sqlx::query_as("SELECT * FROM imagegen.jobs WHERE batch = $1 ORDER BY id")
                 .bind(batch)
-                .fetch_all(&self.pool)
+                .fetch_all(self.db())
                 .await?,
         )
     }
@@ -839,7 +907,7 @@ impl Queue {
         )
         .bind(by_batch)
         .bind(batch)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -854,7 +922,7 @@ impl Queue {
                  AND ($1::text IS NULL OR batch = $1))",
         )
         .bind(batch)
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?)
     }
 
@@ -863,7 +931,7 @@ impl Queue {
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
         Ok(
             sqlx::query_scalar("SELECT min(run_at) FROM imagegen.jobs WHERE state = 'pending'")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?,
         )
     }
@@ -874,7 +942,7 @@ impl Queue {
             .bind(id)
             .bind(hostname)
             .bind(i32::try_from(pid).unwrap_or(i32::MAX))
-            .execute(&self.pool)
+            .execute(self.db())
             .await?;
         Ok(())
     }
@@ -893,7 +961,7 @@ impl Queue {
         .bind(id)
         .bind(paused_until)
         .bind(pause_reason)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -905,7 +973,7 @@ impl Queue {
                  pause_reason = NULL WHERE id = $1",
         )
         .bind(id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -919,7 +987,7 @@ impl Queue {
              ORDER BY started_at",
         )
         .bind(millis(fresh))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -944,7 +1012,7 @@ impl Queue {
         .bind(&idx)
         .bind(images)
         .bind(generation_id)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -955,7 +1023,7 @@ impl Queue {
             "SELECT data FROM imagegen.paid_images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(job_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -963,7 +1031,7 @@ impl Queue {
     pub async fn drop_stash(&self, job_id: i64) -> Result<()> {
         sqlx::query("DELETE FROM imagegen.paid_images WHERE job_id = $1")
             .bind(job_id)
-            .execute(&self.pool)
+            .execute(self.db())
             .await?;
         Ok(())
     }
@@ -993,6 +1061,7 @@ impl Queue {
         if let (Some(batch), Some(budget)) = (&job.batch, batch_budget) {
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.batch:' || $1))")
                 .bind(batch)
+                .persistent(self.keep_statements())
                 .execute(&mut *tx)
                 .await?;
             let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
@@ -1001,6 +1070,7 @@ impl Queue {
                  FROM imagegen.jobs WHERE batch = $1",
             )
             .bind(batch)
+            .persistent(self.keep_statements())
             .fetch_one(&mut *tx)
             .await?;
             if billed + in_flight + expected > budget {
@@ -1013,6 +1083,7 @@ impl Queue {
         }
         if let Some(budget) = daily_budget {
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext('imagegen.budget.daily'))")
+                .persistent(self.keep_statements())
                 .execute(&mut *tx)
                 .await?;
             let (billed, in_flight): (Decimal, Decimal) = sqlx::query_as(
@@ -1022,6 +1093,7 @@ impl Queue {
                      (SELECT COALESCE(sum(reserved_usd), 0) FROM imagegen.jobs \
                          WHERE state = 'running')",
             )
+            .persistent(self.keep_statements())
             .fetch_one(&mut *tx)
             .await?;
             if billed + in_flight + expected > budget {
@@ -1041,6 +1113,7 @@ impl Queue {
         .bind(lease.worker)
         .bind(lease.attempt)
         .bind(expected)
+        .persistent(self.keep_statements())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1062,13 +1135,13 @@ impl Queue {
                 )
                 .bind(batch)
                 .bind(b)
-                .execute(&self.pool)
+                .execute(self.db())
                 .await?;
             }
             None => {
                 sqlx::query("DELETE FROM imagegen.batch_budgets WHERE batch = $1")
                     .bind(batch)
-                    .execute(&self.pool)
+                    .execute(self.db())
                     .await?;
             }
         }
@@ -1083,7 +1156,7 @@ impl Queue {
                      AS spent_usd \
              FROM imagegen.batch_budgets b ORDER BY b.batch",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -1092,7 +1165,7 @@ impl Queue {
         Ok(
             sqlx::query_scalar("SELECT budget_usd FROM imagegen.batch_budgets WHERE batch = $1")
                 .bind(batch)
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db())
                 .await?,
         )
     }
@@ -1100,7 +1173,7 @@ impl Queue {
     async fn wrong_state(&self, id: i64, what: &'static str) -> QueueError {
         match sqlx::query_scalar::<_, String>("SELECT state FROM imagegen.jobs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await
         {
             Ok(Some(state)) => QueueError::WrongState { id, state, what },
@@ -1147,9 +1220,10 @@ impl<'a> ImageColumns<'a> {
     }
 }
 
-async fn notify(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+async fn notify(tx: &mut Transaction<'_, Postgres>, keep: bool) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(NOTIFY_CHANNEL)
+        .persistent(keep)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -6,5 +6,6 @@ mod helpers;
 mod http;
 mod openrouter;
 mod pipeline;
+mod push;
 mod queue;
 mod storage;
