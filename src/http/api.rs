@@ -398,7 +398,7 @@ pub struct SubmittedJobs {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum SubmitAnswer {
-    One(SubmittedJob),
+    One(Box<SubmittedJob>),
     Many(SubmittedJobs),
 }
 
@@ -469,7 +469,7 @@ async fn submit_jobs(
         SubmitAnswer::Many(SubmittedJobs { jobs: items })
     } else {
         match items.into_iter().next() {
-            Some(one) => SubmitAnswer::One(one),
+            Some(one) => SubmitAnswer::One(Box::new(one)),
             None => return Err(Problem::internal("the submitted job was not found again")),
         }
     };
