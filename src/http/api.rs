@@ -80,6 +80,7 @@ pub fn routes(state: HttpState) -> Router {
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
         .route("/budget/daily", get(get_daily_budget).put(set_daily_budget))
+        .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
 }
 
