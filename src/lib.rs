@@ -17,6 +17,7 @@
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
 //! - [`http`]: the HTTP server: JSON API with its OpenAPI document, health, `/metrics`, access.
 //! - [`metrics`]: the process's Prometheus instruments (names, bounded labels, recording).
+//! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod openrouter;
 pub mod pipeline;
 pub mod queue;
+pub mod renditions;
 pub mod retry;
 pub mod storage;
 pub mod worker;

@@ -127,6 +127,9 @@ enum Command {
     Bench(imagegen::bench::BenchArgs),
     /// The HTTP API, health probes and Prometheus metrics, without a worker.
     Serve(Box<cli::serve::ServeArgs>),
+    /// Renditions (OG card, thumbnail, WebP, custom sizes) of jobs that already succeeded.
+    #[command(subcommand)]
+    Renditions(cli::renditions::RenditionsCommand),
 }
 
 #[derive(Subcommand)]
@@ -184,6 +187,8 @@ struct WorkerArgs {
     http: Option<std::net::SocketAddr>,
     #[command(flatten)]
     http_auth: imagegen::http::auth::AuthArgs,
+    #[command(flatten)]
+    renditions: imagegen::image::renditions::RenditionSettings,
     #[command(flatten)]
     storage: StorageConfig,
     #[command(flatten)]
@@ -351,6 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bound = imagegen::http::bind(a.listen, &a.auth).await?;
             cli::serve::run(open_queue(g, 8).await?, *a, bound).await?
         }
+        Command::Renditions(cmd) => cli::renditions::run(open_queue(g, 4).await?, cmd).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;
             if let Some(id) = id {
@@ -577,6 +583,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         queue.clone(),
         PipelineConfig {
             requests_per_minute: a.requests_per_minute,
+            renditions: a.renditions,
         },
     );
     // The HTTP server outlives the drain, so /metrics and /readyz answer while jobs finish.

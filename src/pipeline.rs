@@ -9,6 +9,10 @@
 //!   deterministic keys; the next attempt finds them there and records them.
 //! - Only a crash between the provider's answer and the stash (or the upload) loses a paid image;
 //!   that window is the length of one upload.
+//!
+//! Renditions are made after the originals are stored (see [`crate::renditions`]); they never
+//! fail the job, and the recovery above takes only originals (by key structure), never a
+//! rendition.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -22,7 +26,8 @@ use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 use crate::openrouter::{CallError, Client, Generation, ImageRequest, models};
 use crate::queue::{AttemptRecord, ImageRow, Job, Queue, Reservation};
-use crate::storage::{ObjectMeta, Storage, StorageError, object_key};
+use crate::renditions::Renditions;
+use crate::storage::{ObjectMeta, Storage, StorageError, object_key, parse_file_name};
 use crate::worker::{Failure, Handler, Success};
 
 /// Pipeline settings that are not the provider's or the storage's.
@@ -30,6 +35,8 @@ use crate::worker::{Failure, Handler, Success};
 pub struct PipelineConfig {
     /// At most this many provider calls start per minute, across all jobs of this worker.
     pub requests_per_minute: Option<NonZeroU32>,
+    /// How renditions are made (pool size, automatic thumbnail, qualities, decode limit).
+    pub renditions: crate::image::renditions::RenditionSettings,
 }
 
 /// How long the daily budget read from the database is trusted: a changed budget reaches every
@@ -47,6 +54,7 @@ pub struct Pipeline {
     queue: Queue,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     daily_budget: DailyBudgetCache,
+    renditions: Renditions,
 }
 
 impl Pipeline {
@@ -60,6 +68,7 @@ impl Pipeline {
             queue,
             limiter,
             daily_budget: Arc::default(),
+            renditions: Renditions::new(config.renditions),
         }
     }
 
@@ -169,8 +178,8 @@ impl Pipeline {
         };
         let keys = self.storage.list(prefix).await.map_err(storage_failure)?;
         let mut images = Vec::new();
-        for key in keys {
-            let bytes = self.storage.get(&key).await.map_err(storage_failure)?;
+        for key in originals_of(job.id, &keys) {
+            let bytes = self.storage.get(key).await.map_err(storage_failure)?;
             if let Some(img) = decoded(bytes) {
                 images.push(img);
             }
@@ -201,6 +210,10 @@ impl Pipeline {
                 sha256: hex::encode(Sha256::digest(&image.bytes)),
             });
         }
+        // The originals are safe now; renditions never fail the job.
+        self.renditions
+            .after_store(&self.queue, &self.storage, job, images, &success)
+            .await;
         Ok(success)
     }
 
@@ -296,6 +309,25 @@ impl Handler for Pipeline {
     }
 }
 
+/// The keys among `keys` (one listing of the job's prefix) that are this job's originals of
+/// the current generation, by index: never a rendition, another generation or another job's
+/// object, whatever else the prefix holds. One key per index (the first listed).
+fn originals_of(job_id: i64, keys: &[String]) -> Vec<&str> {
+    let mut found: Vec<(usize, &str)> = keys
+        .iter()
+        .filter_map(|k| {
+            let name = parse_file_name(k.rsplit('/').next().unwrap_or(k))?;
+            let ours = name.job_id == job_id
+                && name.generation == crate::renditions::CURRENT_GENERATION
+                && name.rendition.is_none();
+            ours.then_some((name.index, k.as_str()))
+        })
+        .collect();
+    found.sort_by_key(|(i, _)| *i);
+    found.dedup_by_key(|(i, _)| *i);
+    found.into_iter().map(|(_, k)| k).collect()
+}
+
 fn decoded(bytes: bytes::Bytes) -> Option<DecodedImage> {
     let (format, width, height) = crate::image::sniff(&bytes)?;
     Some(DecodedImage {
@@ -341,5 +373,29 @@ fn storage_failure(e: StorageError) -> Failure {
         message: e.to_string(),
         record: AttemptRecord::default(),
         free_retry: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::originals_of;
+
+    #[test]
+    fn recovery_takes_only_this_job_s_originals() {
+        let keys: Vec<String> = [
+            "b/42-0.og.jpg",
+            "b/42-1.png",
+            "b/42-0.thumb.webp",
+            "b/42-0.png",
+            "b/42-g1-0.png",
+            "b/42-0.1200x630-png.png",
+            "b/420-0.png",
+            "b/.42-0.png.1234.tmp",
+            "b/42-1.jpg",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(originals_of(42, &keys), ["b/42-0.png", "b/42-1.png"]);
     }
 }

@@ -2,6 +2,8 @@
 //! (`main.rs` only parses and dispatches). Commands call the library (queue, pipeline, storage,
 //! http); they hold no SQL and no policy of their own.
 
+pub mod renditions;
+
 use tokio_util::sync::CancellationToken;
 
 pub mod budget;

@@ -2,6 +2,12 @@
 //!
 //! The label a provider puts on an image is never trusted (OpenRouter has sent JPEG bytes labelled
 //! `image/png`); the bytes decide.
+//!
+//! [`renditions`] makes the sizes a site needs (specs, decode with limits, resize, encode,
+//! placeholder); [`pool`] is the bounded pool that work runs in, off the async threads.
+
+pub mod pool;
+pub mod renditions;
 
 use base64::Engine as _;
 use base64::alphabet;

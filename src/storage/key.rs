@@ -2,8 +2,14 @@
 //! user-chosen batch names inside the storage root, and the validation every backend applies to
 //! a key before touching storage.
 //!
-//! A key is `[{batch}/]{job_id}-{index}.{ext}`, relative to the storage root (the bucket prefix
-//! or the directory). Invariants the rest of the module relies on:
+//! A key is `[{batch}/]{job_id}-{index}.{ext}` for an original and
+//! `[{batch}/]{job_id}-{index}.{spec}.{ext}` for a rendition of it (`{spec}` is the spec's key
+//! token: `og`, `thumb`, `webp`, `1200x630-webp`), relative to the storage root (the bucket prefix
+//! or the directory). A regenerated picture (generation `g` > 0) gets `{job_id}-g{g}-{index}...`,
+//! so a CDN never serves an old picture under a new one's URL; generation 0 is the plain form
+//! above, which is every key made so far. [`parse_file_name`] reads any of them back, so code
+//! that finds objects by listing (the recovery of paid images) can tell an original from a
+//! rendition by structure, never by guessing. Invariants the rest of the module relies on:
 //! - Keys contain only `[A-Za-z0-9._-]` and `/`, never an empty, `.` or `..` segment, never a
 //!   leading or trailing `/`. So they are the same string in a URL path, an S3 key and a relative
 //!   file path, and cannot name anything outside the root.
@@ -30,11 +36,101 @@ pub const MAX_KEY_LEN: usize = 512;
 /// The extension follows the sniffed format, so a retry that gets a different format from the
 /// provider writes a second object; the row only ever records the last one.
 pub fn object_key(batch: Option<&str>, job_id: i64, index: usize, format: ImageFormat) -> String {
-    let file = format!("{job_id}-{index}.{}", format.extension());
+    with_batch(
+        batch,
+        format!("{}.{}", stem(job_id, 0, index), format.extension()),
+    )
+}
+
+/// The key of rendition `spec_token` (see `Spec::key_token`) of image `index` of generation
+/// `generation` of job `job_id`. Deterministic like [`object_key`], so a retried upload
+/// overwrites.
+pub fn rendition_key(
+    batch: Option<&str>,
+    job_id: i64,
+    generation: u32,
+    index: usize,
+    spec_token: &str,
+    format: ImageFormat,
+) -> String {
+    with_batch(
+        batch,
+        format!(
+            "{}.{spec_token}.{}",
+            stem(job_id, generation, index),
+            format.extension()
+        ),
+    )
+}
+
+/// `{job_id}-{index}` for generation 0, `{job_id}-g{generation}-{index}` after.
+fn stem(job_id: i64, generation: u32, index: usize) -> String {
+    if generation == 0 {
+        format!("{job_id}-{index}")
+    } else {
+        format!("{job_id}-g{generation}-{index}")
+    }
+}
+
+fn with_batch(batch: Option<&str>, file: String) -> String {
     match batch.and_then(sanitize_batch) {
         Some(prefix) => format!("{prefix}/{file}"),
         None => file,
     }
+}
+
+/// What an object's file name (the last key segment) says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedName {
+    pub job_id: i64,
+    pub generation: u32,
+    pub index: usize,
+    /// `None` for an original; the spec's key token for a rendition.
+    pub rendition: Option<String>,
+    pub extension: String,
+}
+
+/// Reads a file name made by [`object_key`] or [`rendition_key`]; `None` for anything else. The
+/// numbers must be canonical (no sign, no leading zero), so one object has one reading.
+pub fn parse_file_name(name: &str) -> Option<ParsedName> {
+    let mut parts = name.split('.');
+    let stem = parts.next()?;
+    let (middle, extension) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(ext), None, None) => (None, ext),
+        (Some(token), Some(ext), None) => (Some(token), ext),
+        _ => return None,
+    };
+    let (job, rest) = stem.split_once('-')?;
+    let (generation, index) = match rest.strip_prefix('g') {
+        Some(gen_rest) => {
+            let (g, i) = gen_rest.split_once('-')?;
+            let g: u32 = canonical(g)?;
+            (g, i)
+        }
+        None => (0, rest),
+    };
+    if generation == 0 && rest.starts_with('g') {
+        // `g0` is never written: generation 0 has the plain form.
+        return None;
+    }
+    let token_ok =
+        |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if middle.is_some_and(|t| !token_ok(t)) || extension.is_empty() {
+        return None;
+    }
+    Some(ParsedName {
+        job_id: canonical(job)?,
+        generation,
+        index: canonical(index)?,
+        rendition: middle.map(str::to_owned),
+        extension: extension.to_owned(),
+    })
+}
+
+fn canonical<T: std::str::FromStr>(s: &str) -> Option<T> {
+    let ok =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if ok { s.parse().ok() } else { None }
 }
 
 /// Turns a batch name into a safe key prefix, or `None` if nothing safe is left.
@@ -148,6 +244,47 @@ mod tests {
         assert_eq!(a, object_key(Some("spring"), 42, 1, ImageFormat::Png));
         assert_eq!(object_key(None, 42, 0, ImageFormat::Jpeg), "42-0.jpg");
         assert_eq!(object_key(Some(""), 42, 0, ImageFormat::Webp), "42-0.webp");
+    }
+
+    #[test]
+    fn rendition_keys_extend_the_scheme_and_parse_back() {
+        let og = rendition_key(Some("spring"), 42, 0, 1, "og", ImageFormat::Jpeg);
+        assert_eq!(og, "spring/42-1.og.jpg");
+        assert_eq!(
+            rendition_key(None, 42, 3, 0, "1200x630-webp", ImageFormat::Webp),
+            "42-g3-0.1200x630-webp.webp"
+        );
+        let name = |k: &str| parse_file_name(k.rsplit('/').next().unwrap());
+        assert_eq!(
+            name(&og),
+            Some(ParsedName {
+                job_id: 42,
+                generation: 0,
+                index: 1,
+                rendition: Some("og".into()),
+                extension: "jpg".into()
+            })
+        );
+        let original = name(&object_key(Some("b"), 42, 10, ImageFormat::Png)).unwrap();
+        assert_eq!((original.index, original.rendition), (10, None));
+        let g = name("42-g2-0.png").unwrap();
+        assert_eq!((g.generation, g.index, g.rendition), (2, 0, None));
+        for bad in [
+            "42-0",
+            "42-01.png",
+            "042-0.png",
+            "42-g0-0.png",
+            "42--0.png",
+            "x-0.png",
+            "42-0.a.b.png",
+            "42-0..png",
+            "42-0.png.",
+            "-42-0.png",
+            "42-g-0.png",
+            ".42-0.png.tmp",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl LocalStorage {
             content_type: content_type_of(key).map(str::to_owned),
             bytes: meta.len(),
             metadata: BTreeMap::new(),
+            cache_control: None,
         })
     }
 

@@ -36,13 +36,18 @@ use clap::ArgAction;
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 
-pub use key::{object_key, sanitize_batch, validate_key};
+pub use key::{object_key, parse_file_name, rendition_key, sanitize_batch, validate_key};
 pub use local::LocalStorage;
 pub use s3::S3Storage;
 
 /// `IMAGEGEN_STORAGE`'s default: a directory where the worker runs, so a first-time user with
 /// nothing set up still sees images land.
 pub const DEFAULT_LOCATION: &str = "./images";
+
+/// [`StorageConfig::cache_control`]'s default: keys are deterministic per picture and a new
+/// picture gets new keys (see [`key`]), so an object never changes under its URL and may be cached
+/// for a year.
+pub const DEFAULT_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 
 /// [`StorageConfig::s3_timeout`]'s default (the CLI's `60s`).
 pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
@@ -99,6 +104,16 @@ pub struct StorageConfig {
         value_name = "DURATION"
     )]
     pub s3_timeout: Duration,
+
+    /// The `Cache-Control` stored with every image and rendition (S3 serves it back; a local
+    /// directory has nowhere to keep it). Empty: none.
+    #[arg(
+        long = "cache-control",
+        env = "IMAGEGEN_CACHE_CONTROL",
+        default_value = DEFAULT_CACHE_CONTROL,
+        value_name = "VALUE"
+    )]
+    pub cache_control: String,
 }
 
 impl StorageConfig {
@@ -109,7 +124,14 @@ impl StorageConfig {
             s3_path_style: false,
             public_base_url: None,
             s3_timeout: DEFAULT_S3_TIMEOUT,
+            cache_control: DEFAULT_CACHE_CONTROL.to_owned(),
         }
+    }
+
+    /// The same settings with another `Cache-Control` (empty for none).
+    pub fn with_cache_control(mut self, value: impl Into<String>) -> Self {
+        self.cache_control = value.into();
+        self
     }
 
     /// The same settings with path-style addressing on or off.
@@ -249,6 +271,8 @@ pub struct ObjectInfo {
     pub bytes: u64,
     /// User metadata (S3 only; empty for local files).
     pub metadata: BTreeMap<String, String>,
+    /// The stored `Cache-Control` (S3 only).
+    pub cache_control: Option<String>,
 }
 
 /// A storage backend, opened once and shared: cloning is a reference-count increment, and all
@@ -290,14 +314,17 @@ impl Storage {
             Target::Local(dir) => Ok(Storage::Local(Arc::new(
                 LocalStorage::open(&dir, cfg.public_base()?).await?,
             ))),
-            Target::S3 { bucket, prefix } => Ok(Storage::S3(Arc::new(S3Storage::new(
-                sdk,
-                bucket,
-                prefix,
-                cfg.s3_path_style,
-                cfg.public_base()?,
-                cfg.s3_timeout,
-            )))),
+            Target::S3 { bucket, prefix } => Ok(Storage::S3(Arc::new(
+                S3Storage::new(
+                    sdk,
+                    bucket,
+                    prefix,
+                    cfg.s3_path_style,
+                    cfg.public_base()?,
+                    cfg.s3_timeout,
+                )
+                .with_cache_control(&cfg.cache_control),
+            ))),
         }
     }
 

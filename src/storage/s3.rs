@@ -128,6 +128,8 @@ pub struct S3Storage {
     path_style: bool,
     /// `IMAGEGEN_PUBLIC_BASE_URL` without its trailing `/`, if set.
     public_base: Option<String>,
+    /// Sent with every image upload (not the probe); `None` for none.
+    cache_control: Option<String>,
 }
 
 impl fmt::Debug for S3Storage {
@@ -189,7 +191,15 @@ impl S3Storage {
             region,
             path_style,
             public_base,
+            cache_control: None,
         }
+    }
+
+    /// The same storage, sending `value` as `Cache-Control` with every image (empty: none).
+    pub fn with_cache_control(mut self, value: &str) -> Self {
+        let value = value.trim();
+        self.cache_control = (!value.is_empty()).then(|| header_safe(value));
+        self
     }
 
     /// The bucket name.
@@ -250,6 +260,7 @@ impl S3Storage {
             if let Some(batch) = &meta.batch {
                 req = req.metadata("batch", header_safe(batch));
             }
+            req = req.set_cache_control(self.cache_control.clone());
         }
         req.send()
             .await
@@ -290,6 +301,7 @@ impl S3Storage {
             .map_err(|e| self.error("HeadObject", Op::Read, key, e))?;
         Ok(ObjectInfo {
             content_type: out.content_type().map(str::to_owned),
+            cache_control: out.cache_control().map(str::to_owned),
             bytes: out
                 .content_length()
                 .and_then(|n| u64::try_from(n).ok())

@@ -1,12 +1,17 @@
-//! The stand-in's images: real PNGs (and JPEGs) of the right pixel size, generated once per size
-//! and reused, each answer made byte-distinct by a small text chunk carrying its generation id.
+//! The stand-in's images: real PNGs (and JPEGs) of the right pixel size and about the byte size of
+//! a real answer, a visibly different picture per prompt, generated once per size and reused.
 //!
-//! Serving 1,000 answers at once must not encode images or base64 megabytes per answer. So each
-//! base image is cut in two: a prefix (signature, header, pixel data) whose length is a multiple
-//! of 3, base64-encoded once and shared; and a tail written per answer (a `tEXt` chunk with the
-//! generation id, then `IEND`), a few dozen bytes. Base64 of a multiple of 3 bytes has no padding,
-//! so the two encodings concatenate into the encoding of the whole file. The SHA-256 of the
-//! prefix is likewise computed once and only the tail is hashed per answer.
+//! Serving 1,000 answers at once must not encode images or base64 megabytes per answer. A PNG
+//! answer is an indexed-colour PNG cut into pieces whose lengths are multiples of 3 (so their
+//! base64 encodings concatenate into the encoding of the whole file):
+//! 1. signature, header and a private ancillary chunk of incompressible filler that brings the
+//!    file to the target size (decoders skip it): shared per size, hashed once;
+//! 2. the palette, built per prompt from a hash of it (the picture's colours): 780 bytes;
+//! 3. the pixel data, one of a few cached shape layouts picked by the same hash;
+//! 4. a text chunk with the generation id (so every answer's bytes differ) and the end.
+//!
+//! So an answer costs a 780-byte palette, a SHA-256 over a few dozen KB and no encoding. JPEG
+//! answers (the `jpeg-as-png` quirk) are one shared picture per size.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +36,10 @@ const DENSITY_4K: f64 = 0.4;
 const JPEG_QUALITY: u8 = 85;
 /// Keyword of the per-answer text chunk.
 const TAG_KEYWORD: &[u8] = b"imagegen-fake-id";
+/// How many shape layouts a size has (each prompt gets one, and its own colours).
+const LAYOUTS: u64 = 6;
+/// The private, ancillary, safe-to-copy chunk that carries the filler bytes.
+const FILLER_CHUNK: &[u8; 4] = b"igPd";
 
 /// The file size to aim for, given the configured 1K 16:9 size and the image's pixels and tier.
 pub(crate) fn target_bytes(image_bytes: usize, width: u32, height: u32, tier: &str) -> usize {
@@ -55,11 +64,14 @@ pub(crate) struct ImageKey {
 #[derive(Debug)]
 pub(crate) struct BaseImage {
     pub format: ImageFormat,
-    /// Base64 of the shared prefix (the whole file for JPEG).
-    prefix_b64: Bytes,
-    prefix_len: usize,
-    /// SHA-256 state after the prefix.
-    prefix_hash: Sha256,
+    /// Base64 of the shared head (the whole file for JPEG).
+    head_b64: Bytes,
+    head_len: usize,
+    /// SHA-256 state after the head.
+    head_hash: Sha256,
+    /// PNG only: the pixel data of each layout (IDAT chunks plus a filler text chunk that makes
+    /// the length a multiple of 3), raw and base64.
+    layouts: Vec<(Bytes, Bytes)>,
 }
 
 /// One image as served in one answer.
@@ -74,27 +86,31 @@ pub(crate) struct Rendered {
 }
 
 impl BaseImage {
-    /// The image for one answer. PNGs carry `tag` in a text chunk, so every answer's bytes
-    /// differ; JPEGs are served as generated.
-    pub fn render(&self, tag: &str) -> Rendered {
-        let tail = match self.format {
-            ImageFormat::Png => {
-                let mut tail = chunk(b"tEXt", &[TAG_KEYWORD, b"\0", tag.as_bytes()].concat());
-                tail.extend_from_slice(&chunk(b"IEND", &[]));
-                tail
+    /// The image for one answer to `prompt`. PNGs take their colours and layout from a hash of
+    /// the prompt and carry `tag` in a text chunk, so every answer's bytes differ; JPEGs are
+    /// served as generated.
+    pub fn render(&self, tag: &str, prompt: &str) -> Rendered {
+        let mut hash = self.head_hash.clone();
+        let mut b64 = vec![self.head_b64.clone()];
+        let mut len = self.head_len;
+        if self.format == ImageFormat::Png {
+            let look = prompt_hash(prompt);
+            let plte = chunk(b"PLTE", &palette(look));
+            let (layout, layout_b64) = &self.layouts[(look % self.layouts.len() as u64) as usize];
+            let mut tail = chunk(b"tEXt", &[TAG_KEYWORD, b"\0", tag.as_bytes()].concat());
+            tail.extend_from_slice(&chunk(b"IEND", &[]));
+            for piece in [&plte[..], &layout[..], &tail[..]] {
+                hash.update(piece);
+                len += piece.len();
             }
-            _ => Vec::new(),
-        };
-        let mut hash = self.prefix_hash.clone();
-        hash.update(&tail);
-        let mut b64 = vec![self.prefix_b64.clone()];
-        if !tail.is_empty() {
+            b64.push(Bytes::from(BASE64_STANDARD.encode(&plte)));
+            b64.push(layout_b64.clone());
             b64.push(Bytes::from(BASE64_STANDARD.encode(&tail)));
         }
         Rendered {
             b64,
             sha256: hex::encode(hash.finalize()),
-            len: self.prefix_len + tail.len(),
+            len,
         }
     }
 }
@@ -122,10 +138,11 @@ impl ImageCache {
     }
 }
 
-/// Generates a base image: a smooth gradient with enough rows of noise to reach the target
-/// size (noise does not compress, the gradient almost vanishes). The size is about linear in
-/// the noise rows, so one encoding without noise and one with a first guess give the line;
-/// targets above what pure noise gives are clamped.
+/// Generates a base image. A PNG is its layouts (see the module doc) plus filler to the target
+/// size. A JPEG is a smooth gradient with enough rows of noise to reach the target size (noise
+/// does not compress, the gradient almost vanishes): the size is about linear in the noise rows,
+/// so one encoding without noise and one with a first guess give the line; targets above what
+/// pure noise gives are clamped.
 fn generate(key: ImageKey) -> io::Result<BaseImage> {
     let ImageKey {
         format,
@@ -133,32 +150,189 @@ fn generate(key: ImageKey) -> io::Result<BaseImage> {
         height,
         target,
     } = key;
+    if format == ImageFormat::Png {
+        return generate_png(width, height, target);
+    }
     let rows = height as usize;
     let guess = (target / (width as usize * 3).max(1)).min(rows);
-    let mut bytes = encode(format, &pixels(width, height, guess), width, height)?;
+    let mut bytes = encode_jpeg(&pixels(width, height, guess), width, height)?;
     if guess > 0 && bytes.len().abs_diff(target) > target / 50 {
-        let floor = encode(format, &pixels(width, height, 0), width, height)?.len();
+        let floor = encode_jpeg(&pixels(width, height, 0), width, height)?.len();
         let per_row = (bytes.len().saturating_sub(floor) as f64 / guess as f64).max(1.0);
         let fitted = (target.saturating_sub(floor) as f64 / per_row) as usize;
-        bytes = encode(
-            format,
-            &pixels(width, height, fitted.min(rows)),
-            width,
-            height,
-        )?;
+        bytes = encode_jpeg(&pixels(width, height, fitted.min(rows)), width, height)?;
     }
-    let prefix = match format {
-        ImageFormat::Png => png_prefix(bytes)?,
-        _ => bytes,
-    };
     let mut hash = Sha256::new();
-    hash.update(&prefix);
+    hash.update(&bytes);
     Ok(BaseImage {
         format,
-        prefix_b64: Bytes::from(BASE64_STANDARD.encode(&prefix)),
-        prefix_len: prefix.len(),
-        prefix_hash: hash,
+        head_b64: Bytes::from(BASE64_STANDARD.encode(&bytes)),
+        head_len: bytes.len(),
+        head_hash: hash,
+        layouts: Vec::new(),
     })
+}
+
+/// An indexed PNG: head (signature, header, filler), then per answer palette, layout, tail.
+fn generate_png(width: u32, height: u32, target: usize) -> io::Result<BaseImage> {
+    let mut layouts = Vec::new();
+    for layout in 0..LAYOUTS {
+        let png = encode_indexed(&shapes(width, height, layout), width, height)?;
+        layouts.push(idat_piece(&png)?);
+    }
+    let mut head = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::with_capacity(13);
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    // 8-bit indexed colour, deflate, adaptive filtering, no interlace.
+    ihdr.extend_from_slice(&[8, 3, 0, 0, 0]);
+    head.extend_from_slice(&chunk(b"IHDR", &ihdr));
+    // The rest of a typical answer: palette 780, layout, tail about 60.
+    let largest = layouts.iter().map(|(raw, _)| raw.len()).max().unwrap_or(0);
+    let rest = head.len() + 12 + 780 + largest + 60;
+    // Filler data length: a multiple of 3, so head (33) + chunk framing (12) + data stays one.
+    let filler_len = target.saturating_sub(rest) / 3 * 3;
+    let mut filler = vec![0u8; filler_len];
+    fastrand::Rng::with_seed(u64::from(width) << 32 | u64::from(height)).fill(&mut filler);
+    head.extend_from_slice(&chunk(FILLER_CHUNK, &filler));
+    debug_assert_eq!(head.len() % 3, 0);
+    let mut hash = Sha256::new();
+    hash.update(&head);
+    Ok(BaseImage {
+        format: ImageFormat::Png,
+        head_b64: Bytes::from(BASE64_STANDARD.encode(&head)),
+        head_len: head.len(),
+        head_hash: hash,
+        layouts,
+    })
+}
+
+/// FNV-1a of the prompt: stable across runs and platforms, unlike `DefaultHasher`.
+fn prompt_hash(prompt: &str) -> u64 {
+    prompt.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The palette of a prompt: entries 0-127 a gradient between two colours (the background),
+/// 128-255 a gradient between two others (the shapes); hues from the hash.
+fn palette(look: u64) -> Vec<u8> {
+    let hue = |shift: u32| ((look >> shift) & 0xff) as f32 / 255.0 * 360.0;
+    let (bg_top, bg_bottom) = (hsv(hue(8), 0.55, 0.95), hsv(hue(16), 0.7, 0.35));
+    let (fg_a, fg_b) = (hsv(hue(24), 0.85, 0.9), hsv(hue(32), 0.6, 0.6));
+    let mut out = Vec::with_capacity(768);
+    for i in 0..256u32 {
+        let (a, b, t) = if i < 128 {
+            (bg_top, bg_bottom, i as f32 / 127.0)
+        } else {
+            (fg_a, fg_b, (i - 128) as f32 / 127.0)
+        };
+        for c in 0..3 {
+            out.push((a[c] + (b[c] - a[c]) * t).round() as u8);
+        }
+    }
+    out
+}
+
+fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
+    let c = v * s;
+    let x = c * (1.0 - ((h / 60.0) % 2.0 - 1.0).abs());
+    let (r, g, b) = match (h / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [(r + m) * 255.0, (g + m) * 255.0, (b + m) * 255.0]
+}
+
+/// Palette indices of one layout: a vertical background gradient and shapes over it.
+fn shapes(width: u32, height: u32, layout: u64) -> Vec<u8> {
+    let (w, h) = (width as usize, height as usize);
+    let mut px = vec![0u8; w * h];
+    let (wf, hf) = (w as f32, h as f32);
+    let short = wf.min(hf);
+    for y in 0..h {
+        let bg = (y * 127 / h.max(1)) as u8;
+        let (yf, row) = (y as f32, &mut px[y * w..(y + 1) * w]);
+        for (x, p) in row.iter_mut().enumerate() {
+            let xf = x as f32;
+            let (u, v) = (xf / wf, yf / hf);
+            let shade = |t: f32| 128 + (t.clamp(0.0, 1.0) * 127.0) as u8;
+            let inside = match layout {
+                // Three discs.
+                0 => [(0.25, 0.4, 0.2), (0.6, 0.6, 0.28), (0.85, 0.3, 0.12)]
+                    .iter()
+                    .any(|(cx, cy, r)| {
+                        let (dx, dy) = (xf - cx * wf, yf - cy * hf);
+                        (dx * dx + dy * dy).sqrt() < r * short
+                    }),
+                // Horizontal bands.
+                1 => ((v * 7.0) as u32) % 2 == 1,
+                // Diagonal stripes.
+                2 => (((xf + yf) / (short / 6.0)) as u32) % 2 == 0,
+                // Rings around the centre.
+                3 => {
+                    let (dx, dy) = (xf - wf / 2.0, yf - hf / 2.0);
+                    (((dx * dx + dy * dy).sqrt() / (short / 10.0)) as u32) % 2 == 0
+                }
+                // A mountain: a triangle from the bottom.
+                4 => v > 0.35 + (u - 0.5).abs() * 1.1,
+                // A checkerboard.
+                _ => (((u * 8.0) as u32) + ((v * 5.0) as u32)) % 2 == 0,
+            };
+            *p = if inside { shade(v) } else { bg };
+        }
+    }
+    px
+}
+
+fn encode_indexed(indices: &[u8], width: u32, height: u32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    // Any palette will do for the encoder; the served one is spliced in per answer.
+    encoder.set_palette(vec![0u8; 768]);
+    encoder.set_compression(png::Compression::Fast);
+    encoder.set_filter(png::Filter::Sub);
+    let mut writer = encoder.write_header().map_err(io::Error::other)?;
+    writer.write_image_data(indices).map_err(io::Error::other)?;
+    writer.finish().map_err(io::Error::other)?;
+    Ok(out)
+}
+
+/// The IDAT chunks of an encoded PNG plus a filler text chunk that makes their length a
+/// multiple of 3: raw and base64.
+fn idat_piece(png: &[u8]) -> io::Result<(Bytes, Bytes)> {
+    let mut out = Vec::new();
+    let mut at = 8;
+    while at + 12 <= png.len() {
+        let len = u32::from_be_bytes([png[at], png[at + 1], png[at + 2], png[at + 3]]) as usize;
+        let end = at + 12 + len;
+        if end > png.len() {
+            break;
+        }
+        if &png[at + 4..at + 8] == b"IDAT" {
+            out.extend_from_slice(&png[at..end]);
+        }
+        at = end;
+    }
+    if out.is_empty() {
+        return Err(io::Error::other("encoded PNG has no IDAT"));
+    }
+    // A chunk adds 12 bytes plus its data; 12 is a multiple of 3, so the data length decides.
+    let keyword = b"Software\0imagegen fake-openrouter";
+    let pad = (3 - (out.len() + keyword.len()) % 3) % 3;
+    let mut data = keyword.to_vec();
+    data.extend(std::iter::repeat_n(b' ', pad));
+    out.extend_from_slice(&chunk(b"tEXt", &data));
+    debug_assert_eq!(out.len() % 3, 0);
+    let b64 = Bytes::from(BASE64_STANDARD.encode(&out));
+    Ok((Bytes::from(out), b64))
 }
 
 /// RGB pixels: a vertical gradient (each row one colour, so filtered rows are zeros), its first `noise_rows` rows replaced by noise seeded by the size
@@ -178,27 +352,6 @@ fn pixels(width: u32, height: u32, noise_rows: usize) -> Vec<u8> {
     pixels
 }
 
-fn encode(format: ImageFormat, pixels: &[u8], width: u32, height: u32) -> io::Result<Vec<u8>> {
-    match format {
-        ImageFormat::Jpeg => encode_jpeg(pixels, width, height),
-        _ => encode_png(pixels, width, height),
-    }
-}
-
-fn encode_png(pixels: &[u8], width: u32, height: u32) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Fast);
-    // Sub turns the gradient rows into runs of equal bytes, which deflate to almost nothing.
-    encoder.set_filter(png::Filter::Sub);
-    let mut writer = encoder.write_header().map_err(io::Error::other)?;
-    writer.write_image_data(pixels).map_err(io::Error::other)?;
-    writer.finish().map_err(io::Error::other)?;
-    Ok(out)
-}
-
 fn encode_jpeg(pixels: &[u8], width: u32, height: u32) -> io::Result<Vec<u8>> {
     let (w, h) = match (u16::try_from(width), u16::try_from(height)) {
         (Ok(w), Ok(h)) => (w, h),
@@ -209,23 +362,6 @@ fn encode_jpeg(pixels: &[u8], width: u32, height: u32) -> io::Result<Vec<u8>> {
         .encode(pixels, w, h, jpeg_encoder::ColorType::Rgb)
         .map_err(io::Error::other)?;
     Ok(out)
-}
-
-/// The PNG without its `IEND`, plus a filler text chunk that makes its length a multiple of 3.
-fn png_prefix(mut png: Vec<u8>) -> io::Result<Vec<u8>> {
-    let iend = chunk(b"IEND", &[]);
-    if !png.ends_with(&iend) {
-        return Err(io::Error::other("encoded PNG does not end with IEND"));
-    }
-    png.truncate(png.len() - iend.len());
-    // A chunk adds 12 bytes plus its data; 12 is a multiple of 3, so the data length decides.
-    let keyword = b"Software\0imagegen fake-openrouter";
-    let pad = (3 - (png.len() + keyword.len()) % 3) % 3;
-    let mut data = keyword.to_vec();
-    data.extend(std::iter::repeat_n(b' ', pad));
-    png.extend_from_slice(&chunk(b"tEXt", &data));
-    debug_assert_eq!(png.len() % 3, 0);
-    Ok(png)
 }
 
 /// A PNG chunk: length, type, data, CRC of type and data.
@@ -259,8 +395,8 @@ mod tests {
             target: 1_200_000,
         };
         let base = generate(key).unwrap();
-        let a = base.render("gen-a");
-        let b = base.render("gen-bb");
+        let a = base.render("gen-a", "a lighthouse at dusk");
+        let b = base.render("gen-bb", "a lighthouse at dusk");
         let (bytes_a, bytes_b) = (decode(&a), decode(&b));
         assert_ne!(bytes_a, bytes_b);
         assert_eq!(a.sha256, hex::encode(Sha256::digest(&bytes_a)));
@@ -290,6 +426,45 @@ mod tests {
     }
 
     #[test]
+    fn each_prompt_gets_its_own_picture_and_the_same_prompt_the_same_one() {
+        let base = generate(ImageKey {
+            format: ImageFormat::Png,
+            width: 768,
+            height: 1344,
+            target: 600_000,
+        })
+        .unwrap();
+        let pixels = |tag: &str, prompt: &str| {
+            let bytes = decode(&base.render(tag, prompt));
+            assert!((540_000..660_000).contains(&bytes.len()), "{}", bytes.len());
+            let img = image::load_from_memory(&bytes).unwrap().into_rgb8();
+            assert_eq!(img.dimensions(), (768, 1344));
+            img.into_raw()
+        };
+        let lake = pixels("gen-1", "a calm lake");
+        assert_eq!(lake, pixels("gen-2", "a calm lake"));
+        let prompts = [
+            "a red fox",
+            "a city at night",
+            "a bowl of fruit",
+            "snowy peaks",
+        ];
+        for p in prompts {
+            let other = pixels("gen-3", p);
+            let differing = lake
+                .chunks_exact(3)
+                .zip(other.chunks_exact(3))
+                .filter(|(a, b)| a.iter().zip(b.iter()).any(|(x, y)| x.abs_diff(*y) > 24))
+                .count();
+            // Visibly different: most pixels change by more than a faint tint.
+            assert!(
+                differing > lake.len() / 3 / 2,
+                "{p}: {differing} pixels differ"
+            );
+        }
+    }
+
+    #[test]
     fn jpegs_are_real_jpegs() {
         let key = ImageKey {
             format: ImageFormat::Jpeg,
@@ -297,7 +472,7 @@ mod tests {
             height: 1024,
             target: 100_000,
         };
-        let rendered = generate(key).unwrap().render("x");
+        let rendered = generate(key).unwrap().render("x", "any");
         assert_eq!(
             crate::image::sniff(&decode(&rendered)),
             Some((ImageFormat::Jpeg, 1024, 1024))

@@ -752,10 +752,13 @@ async fn answer(shared: &Shared, call: &Call, fault: Option<Fault>) -> io::Resul
             target: target_bytes(config.image_bytes, call.width, call.height, &call.tier),
         })
         .await?;
-    let image = base.render(&call.id);
+    let image = base.render(&call.id, &call.prompt);
     let mut payloads = Vec::new();
     if fault == Some(Fault::TwoImages) {
-        payloads.push(base.render(&format!("{}-preview", call.id)).b64);
+        payloads.push(
+            base.render(&format!("{}-preview", call.id), &call.prompt)
+                .b64,
+        );
     }
     match fault {
         Some(Fault::Oversize) => {
