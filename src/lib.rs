@@ -17,9 +17,9 @@
 //! - [`notify`]: push to other applications: webhook signing, delivery and the outbound guard,
 //!   and the event stream (the NOTIFY itself is the database's, see the push migration).
 //! - [`pipeline`]: one job end to end: budget, provider call, storage, what to record.
-//! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
 //! - [`http`]: the HTTP server: JSON API with its OpenAPI document, health, `/metrics`, access.
 //! - [`metrics`]: the process's Prometheus instruments (names, bounded labels, recording).
+//! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].

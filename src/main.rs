@@ -125,11 +125,11 @@ enum Command {
     FakeOpenrouter(imagegen::openrouter::fake::FakeArgs),
     /// Benchmarks against the local Postgres and the stand-in, in their own database.
     Bench(imagegen::bench::BenchArgs),
+    /// The HTTP API, health probes and Prometheus metrics, without a worker.
+    Serve(Box<cli::serve::ServeArgs>),
     /// Renditions (OG card, thumbnail, WebP, custom sizes) of jobs that already succeeded.
     #[command(subcommand)]
     Renditions(cli::renditions::RenditionsCommand),
-    /// The HTTP API, health probes and Prometheus metrics, without a worker.
-    Serve(Box<cli::serve::ServeArgs>),
     /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
     Deliveries(cli::deliveries::DeliveriesArgs),
 }
@@ -363,12 +363,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::FakeOpenrouter(args) => imagegen::openrouter::fake::run(args).await?,
         Command::Bench(args) => imagegen::bench::run(&g.database_url, args).await?,
-        Command::Renditions(cmd) => cli::renditions::run(open_queue(g, 4).await?, cmd).await?,
         Command::Serve(a) => {
             // The access check comes first: a refused configuration fails before anything opens.
             let bound = imagegen::http::bind(a.listen, &a.auth).await?;
             cli::serve::run(open_queue(g, 8).await?, *a, bound).await?
         }
+        Command::Renditions(cmd) => cli::renditions::run(open_queue(g, 4).await?, cmd).await?,
         Command::Deliveries(a) => cli::deliveries::run(open_queue(g, 2).await?, a).await?,
         Command::Cancel { id, batch } => {
             let q = open_queue(g, 2).await?;

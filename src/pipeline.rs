@@ -43,6 +43,9 @@ pub struct PipelineConfig {
 /// worker within this, and jobs do not each pay a read.
 pub const SETTINGS_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The daily budget (`imagegen.settings`) and when it was read, shared by the pipeline's clones.
+type DailyBudgetCache = Arc<tokio::sync::Mutex<Option<(std::time::Instant, Option<Decimal>)>>>;
+
 /// The job body: implements [`Handler`] for the worker.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -50,8 +53,7 @@ pub struct Pipeline {
     storage: Storage,
     queue: Queue,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    /// The daily budget (`imagegen.settings`) and when it was read.
-    daily_budget: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Option<Decimal>)>>>,
+    daily_budget: DailyBudgetCache,
     renditions: Renditions,
 }
 

@@ -588,13 +588,13 @@ impl<H: Handler> Worker<H> {
                     Ok(Ok(true)) => {
                         crate::metrics::attempt_recorded(&job.model, outcome, billed.cost_usd, images);
                         info!(
-                        outcome,
-                        duration_ms,
-                        prompt_tokens = billed.prompt_tokens,
-                        completion_tokens = billed.completion_tokens,
-                        cost_usd = %billed.cost_usd,
-                        "attempt finished"
-                    )
+                            outcome,
+                            duration_ms,
+                            prompt_tokens = billed.prompt_tokens,
+                            completion_tokens = billed.completion_tokens,
+                            cost_usd = %billed.cost_usd,
+                            "attempt finished"
+                        )
                     }
                     Ok(Ok(false)) => warn!(
                         "lease lost before the result was written (another worker took the job over); result dropped"

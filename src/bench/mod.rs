@@ -11,6 +11,8 @@
 //! - `pipeline`: the stand-in at a fixed latency with full-size images, the real client, the
 //!   real pipeline and local storage, at each concurrency: efficiency (achieved jobs/s over
 //!   concurrency / latency), peak RSS and CPU seconds per job of the worker process.
+//! - `api`: `GET /api/v1/jobs` with each filter, a cursor walk, stats and batches through the
+//!   real router, with a million finished jobs in the table ([`api`]).
 //! - `enqueue`: rows per second of a bulk enqueue through `imagegen enqueue --file` and through
 //!   one SQL statement.
 //!
@@ -39,6 +41,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::db;
+
+mod api;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -117,6 +121,8 @@ pub enum Scenario {
     Pipeline,
     /// Bulk enqueue through the CLI and through SQL.
     Enqueue,
+    /// GET /api/v1/jobs and the other reads with a million jobs in the table.
+    Api,
     /// Every scenario, in this order.
     All,
 }
@@ -309,6 +315,9 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Enqueue {
         emit(enqueue_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Api {
+        emit(api::api_scenario(bench, args).await?);
     }
     Ok(())
 }

@@ -80,6 +80,7 @@ pub fn routes(state: HttpState) -> Router {
         .route("/workers", get(list_workers))
         .route("/stats", get(stats))
         .route("/budget/daily", get(get_daily_budget).put(set_daily_budget))
+        .method_not_allowed_fallback(super::method_not_allowed)
         .with_state(state)
 }
 
@@ -408,7 +409,7 @@ pub struct SubmittedJobs {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum SubmitAnswer {
-    One(SubmittedJob),
+    One(Box<SubmittedJob>),
     Many(SubmittedJobs),
 }
 
@@ -479,7 +480,7 @@ async fn submit_jobs(
         SubmitAnswer::Many(SubmittedJobs { jobs: items })
     } else {
         match items.into_iter().next() {
-            Some(one) => SubmitAnswer::One(one),
+            Some(one) => SubmitAnswer::One(Box::new(one)),
             None => return Err(Problem::internal("the submitted job was not found again")),
         }
     };

@@ -115,6 +115,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
         .layer(middleware::from_fn_with_state(
             auth.clone(),
@@ -137,6 +138,15 @@ pub fn router(state: HttpState) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             Problem::internal("the server failed answering this request").into_response()
         }))
+}
+
+/// A route that exists, asked with a method it does not have.
+pub async fn method_not_allowed(req: Request) -> Problem {
+    Problem::method_not_allowed(format!(
+        "{} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn not_found(req: Request) -> Problem {

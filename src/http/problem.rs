@@ -76,6 +76,15 @@ impl Problem {
         )
     }
 
+    pub fn method_not_allowed(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "The route does not have this method",
+            detail.into(),
+        )
+    }
+
     pub fn malformed_json(detail: impl Into<String>) -> Self {
         Problem::new(
             StatusCode::BAD_REQUEST,

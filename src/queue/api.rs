@@ -70,6 +70,15 @@ pub struct JobView {
     pub image_urls: Vec<String>,
     /// The stored images, in order.
     pub images: Vec<ImageView>,
+    /// The rendition specs asked for (`og`, `thumb`, `webp`, `1200x630.jpg`, ...).
+    pub renditions: Vec<String>,
+    /// Spec -> one URL per image, in the order of `image_urls`; a spec is here once every image
+    /// has it.
+    #[schema(value_type = Object)]
+    pub rendition_urls: serde_json::Value,
+    /// Spec -> why it could not be made (the job still succeeded).
+    #[schema(value_type = Option<Object>)]
+    pub rendition_errors: Option<serde_json::Value>,
     /// Every attempt, oldest first, billed failures included.
     pub attempts: Vec<AttemptView>,
     pub prompt_tokens: i64,
@@ -99,6 +108,8 @@ pub struct ImageView {
     pub width: i32,
     pub height: i32,
     pub sha256: String,
+    /// A ThumbHash of the image (base64): a blurred preview to paint before it loads.
+    pub placeholder: Option<String>,
 }
 
 /// One attempt of a job.
@@ -140,6 +151,9 @@ struct JobBase {
     metadata: Option<String>,
     last_error: Option<String>,
     image_urls: Vec<String>,
+    renditions: Vec<String>,
+    rendition_urls: serde_json::Value,
+    rendition_errors: Option<serde_json::Value>,
     prompt_tokens: i64,
     completion_tokens: i64,
     cost_usd: Decimal,
@@ -417,10 +431,10 @@ pub struct QueueGauges {
 }
 
 const JOB_VIEW_COLUMNS: &str = "id, state, prompt, aspect_ratio, model, image_size, batch, \
-    priority, run_at, idempotency_key, attempts, max_attempts, metadata::text AS metadata, last_error, \
-    image_urls, \
-    prompt_tokens, completion_tokens, cost_usd, created_at, started_at, finished_at, updated_at, \
-    lease_owner, lease_expires_at";
+    priority, run_at, idempotency_key, attempts, max_attempts, metadata::text AS metadata, \
+    last_error, image_urls, renditions, rendition_urls, rendition_errors, prompt_tokens, \
+    completion_tokens, cost_usd, created_at, started_at, finished_at, updated_at, lease_owner, \
+    lease_expires_at";
 
 /// Today (UTC) as a timestamptz expression.
 const TODAY: &str = "(date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')";
@@ -849,7 +863,7 @@ async fn load_views(
     .fetch_all(&mut *conn)
     .await?;
     let images: Vec<JobImage> = sqlx::query_as(
-        "SELECT job_id, idx, key, url, content_type, bytes, width, height, sha256 \
+        "SELECT job_id, idx, key, url, content_type, bytes, width, height, sha256, placeholder \
          FROM imagegen.images WHERE job_id = ANY($1) ORDER BY job_id, idx",
     )
     .bind(ids)
@@ -885,6 +899,9 @@ async fn load_views(
                 last_error: b.last_error,
                 image_urls: b.image_urls,
                 images: images_of.remove(&b.id).unwrap_or_default(),
+                renditions: b.renditions,
+                rendition_urls: b.rendition_urls,
+                rendition_errors: b.rendition_errors,
                 attempts: attempts_of.remove(&b.id).unwrap_or_default(),
                 prompt_tokens: b.prompt_tokens,
                 completion_tokens: b.completion_tokens,

@@ -31,9 +31,9 @@ use uuid::Uuid;
 
 use crate::error::{Classify, ErrorClass};
 
+pub mod api;
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
-pub mod api;
 pub mod deliveries;
 pub mod events;
 mod pooled;

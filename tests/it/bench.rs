@@ -40,7 +40,10 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         .unwrap();
 
     let names: Vec<&str> = reports.iter().map(|r| r.scenario).collect();
-    assert_eq!(names, ["queue", "growth", "wakeup", "pipeline", "enqueue"]);
+    assert_eq!(
+        names,
+        ["queue", "growth", "wakeup", "pipeline", "enqueue", "api"]
+    );
     let json = |name: &str| &reports.iter().find(|r| r.scenario == name).unwrap().json;
 
     // The documented key, a positive rate (each drain also checked every job succeeded once).
@@ -58,6 +61,9 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
     );
     assert!(json("enqueue")["cli_rows_per_s"].as_f64().unwrap() > 0.0);
     assert!(json("enqueue")["sql_rows_per_s"].as_f64().unwrap() > 0.0);
+    // The API walk reads every one of the 2,000 history jobs, 500 a page.
+    assert_eq!(json("api")["walk_pages"], 4);
+    assert_eq!(json("api")["listings"].as_array().unwrap().len(), 12);
     for r in &reports {
         assert!(!r.rows.is_empty(), "{} printed no figures", r.scenario);
     }

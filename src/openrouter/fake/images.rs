@@ -273,16 +273,16 @@ fn shapes(width: u32, height: u32, layout: u64) -> Vec<u8> {
                 // Horizontal bands.
                 1 => ((v * 7.0) as u32) % 2 == 1,
                 // Diagonal stripes.
-                2 => (((xf + yf) / (short / 6.0)) as u32) % 2 == 0,
+                2 => (((xf + yf) / (short / 6.0)) as u32).is_multiple_of(2),
                 // Rings around the centre.
                 3 => {
                     let (dx, dy) = (xf - wf / 2.0, yf - hf / 2.0);
-                    (((dx * dx + dy * dy).sqrt() / (short / 10.0)) as u32) % 2 == 0
+                    (((dx * dx + dy * dy).sqrt() / (short / 10.0)) as u32).is_multiple_of(2)
                 }
                 // A mountain: a triangle from the bottom.
                 4 => v > 0.35 + (u - 0.5).abs() * 1.1,
                 // A checkerboard.
-                _ => (((u * 8.0) as u32) + ((v * 5.0) as u32)) % 2 == 0,
+                _ => (((u * 8.0) as u32) + ((v * 5.0) as u32)).is_multiple_of(2),
             };
             *p = if inside { shade(v) } else { bg };
         }

@@ -212,6 +212,10 @@ async fn malformed_oversized_and_unknown_requests_get_problems(
     assert_eq!(status, 404);
     let (status, _) = s.get("/api/v1/nothing-here").await;
     assert_eq!(status, 404);
+    let res = s.client.delete(s.url("/api/v1/jobs")).send().await.unwrap();
+    let (status, p) = answer(res).await;
+    assert_eq!(status, 405);
+    assert_eq!(problem_type(&p), "urn:imagegen:problem:method-not-allowed");
     let (status, _) = s.get(&format!("/api/v1/jobs?q={}", "a".repeat(9000))).await;
     assert_eq!(status, 414);
     for bad in [

@@ -28,8 +28,7 @@ fn tokens() -> AuthArgs {
 async fn a_public_address_without_a_token_is_refused_at_start_up() {
     let err = http::bind("0.0.0.0:0".parse().unwrap(), &AuthArgs::default())
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(matches!(
         err,
         HttpError::Auth(AuthError::Unprotected { .. })
