@@ -1109,11 +1109,14 @@ async fn pipeline_runs(
         );
         let pool = bench.fresh(worker_pool_size(c)).await?;
         let run = pipeline_run(&pool, &client, &storage, stand_in, args, c, n).await;
-        // Delete exactly the images this run stored (storage may be shared; tmpfs is memory).
-        let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM imagegen.images")
-            .fetch_all(&pool)
-            .await
-            .unwrap_or_default();
+        // Delete exactly the images and renditions this run stored (storage may be shared;
+        // tmpfs is memory).
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT key FROM imagegen.images UNION ALL SELECT key FROM imagegen.renditions",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
         pool.close().await;
         for k in keys {
             let _ = storage.delete(&k).await;

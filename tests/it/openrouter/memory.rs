@@ -76,7 +76,10 @@ fn measure() {
         .unwrap();
         // Generates and caches the stand-in's image and warms the allocator.
         let warm = client.generate(&request("warm-up")).await.unwrap();
-        let image = warm.images[0].bytes.len() as u64;
+        // The stand-in draws a picture per prompt, so sizes differ by a little between prompts:
+        // the bound below is taken for the largest an answer may be.
+        let warm_size = warm.images[0].bytes.len() as u64;
+        let image = warm_size + warm_size / 10;
         drop(warm);
         let body = image.div_ceil(3) * 4 + 2048;
 
@@ -97,7 +100,11 @@ fn measure() {
             })
             .collect();
         for call in calls {
-            assert_eq!(call.await.unwrap(), image);
+            let got = call.await.unwrap();
+            assert!(
+                got.abs_diff(warm_size) <= warm_size / 10,
+                "an answer of {got} bytes, the warm-up's was {warm_size}"
+            );
         }
         let growth = status_bytes("VmHWM:").saturating_sub(baseline);
         let bound = BODIES as u64 * (2 * body + image) + SLACK_BYTES;
