@@ -630,7 +630,7 @@ impl Queue {
     /// Every batch that has jobs, by name.
     pub async fn batch_summaries(&self) -> Result<Vec<BatchSummary>> {
         let rows: Vec<BatchRow> = sqlx::query_as(&batch_sql("j.batch IS NOT NULL"))
-            .fetch_all(&self.pool)
+            .fetch_all(self.db())
             .await?;
         Ok(rows.into_iter().map(BatchSummary::from).collect())
     }
@@ -639,7 +639,7 @@ impl Queue {
     pub async fn batch_summary(&self, batch: &str) -> Result<Option<BatchSummary>> {
         let row: Option<BatchRow> = sqlx::query_as(&batch_sql("j.batch = $1"))
             .bind(batch)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await?;
         if let Some(r) = row {
             return Ok(Some(r.into()));
@@ -675,7 +675,7 @@ impl Queue {
              ORDER BY w.started_at, w.id",
         )
         .bind(super::millis(WORKER_FRESH))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -684,14 +684,14 @@ impl Queue {
         let counts = self.state_counts().await?;
         let (cost_usd,): (Decimal,) =
             sqlx::query_as("SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.jobs")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?;
         let spend_today_by_model: Vec<ModelSpend> = sqlx::query_as(&format!(
             "SELECT j.model, count(*) AS attempts, COALESCE(sum(a.cost_usd), 0) AS cost_usd \
              FROM imagegen.attempts a JOIN imagegen.jobs j ON j.id = a.job_id \
              WHERE a.finished_at >= {TODAY} GROUP BY j.model ORDER BY j.model"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         let last_hour: Throughput = sqlx::query_as(
             "SELECT count(*) AS attempts, \
@@ -700,7 +700,7 @@ impl Queue {
                  COALESCE(sum(cost_usd), 0) AS cost_usd \
              FROM imagegen.attempts WHERE finished_at > now() - interval '1 hour'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?;
         let g = self.queue_gauges_with(counts.clone()).await?;
         let daily = self.settings().await?.daily_budget_usd;
@@ -722,7 +722,7 @@ impl Queue {
     pub async fn state_counts(&self) -> Result<StateCounts> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, count(*) FROM imagegen.jobs GROUP BY state")
-                .fetch_all(&self.pool)
+                .fetch_all(self.db())
                 .await?;
         let mut c = StateCounts::default();
         for (state, n) in rows {
@@ -761,7 +761,7 @@ impl Queue {
                          WHERE j.batch = b.batch AND j.state IN ('pending', 'running'))) \
                      AS batch_remaining"
         ))
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?;
         Ok(QueueGauges {
             counts,
@@ -778,7 +778,7 @@ impl Queue {
     pub async fn settings(&self) -> Result<Settings> {
         let daily: Option<Option<Decimal>> =
             sqlx::query_scalar("SELECT daily_budget_usd FROM imagegen.settings")
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db())
                 .await?;
         Ok(Settings {
             daily_budget_usd: daily.flatten(),
@@ -793,7 +793,7 @@ impl Queue {
                  updated_at = now()",
         )
         .bind(usd)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -803,7 +803,7 @@ impl Queue {
     pub async fn schema_version(&self) -> Result<Option<i64>> {
         Ok(
             sqlx::query_scalar("SELECT max(version) FROM public._sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?,
         )
     }
