@@ -644,7 +644,7 @@ impl Queue {
     /// Every batch that has jobs, by name.
     pub async fn batch_summaries(&self) -> Result<Vec<BatchSummary>> {
         let rows: Vec<BatchRow> = sqlx::query_as(&batch_sql("j.batch IS NOT NULL"))
-            .fetch_all(&self.pool)
+            .fetch_all(self.db())
             .await?;
         Ok(rows.into_iter().map(BatchSummary::from).collect())
     }
@@ -653,7 +653,7 @@ impl Queue {
     pub async fn batch_summary(&self, batch: &str) -> Result<Option<BatchSummary>> {
         let row: Option<BatchRow> = sqlx::query_as(&batch_sql("j.batch = $1"))
             .bind(batch)
-            .fetch_optional(&self.pool)
+            .fetch_optional(self.db())
             .await?;
         if let Some(r) = row {
             return Ok(Some(r.into()));
@@ -689,7 +689,7 @@ impl Queue {
              ORDER BY w.started_at, w.id",
         )
         .bind(super::millis(WORKER_FRESH))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -698,14 +698,14 @@ impl Queue {
         let counts = self.state_counts().await?;
         let (cost_usd,): (Decimal,) =
             sqlx::query_as("SELECT COALESCE(sum(cost_usd), 0) FROM imagegen.jobs")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?;
         let spend_today_by_model: Vec<ModelSpend> = sqlx::query_as(&format!(
             "SELECT j.model, count(*) AS attempts, COALESCE(sum(a.cost_usd), 0) AS cost_usd \
              FROM imagegen.attempts a JOIN imagegen.jobs j ON j.id = a.job_id \
              WHERE a.finished_at >= {TODAY} GROUP BY j.model ORDER BY j.model"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?;
         let last_hour: Throughput = sqlx::query_as(
             "SELECT count(*) AS attempts, \
@@ -714,7 +714,7 @@ impl Queue {
                  COALESCE(sum(cost_usd), 0) AS cost_usd \
              FROM imagegen.attempts WHERE finished_at > now() - interval '1 hour'",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?;
         let g = self.queue_gauges_with(counts.clone()).await?;
         let daily = self.settings().await?.daily_budget_usd;
@@ -736,7 +736,7 @@ impl Queue {
     pub async fn state_counts(&self) -> Result<StateCounts> {
         let rows: Vec<(String, i64)> =
             sqlx::query_as("SELECT state, count(*) FROM imagegen.jobs GROUP BY state")
-                .fetch_all(&self.pool)
+                .fetch_all(self.db())
                 .await?;
         let mut c = StateCounts::default();
         for (state, n) in rows {
@@ -775,7 +775,7 @@ impl Queue {
                          WHERE j.batch = b.batch AND j.state IN ('pending', 'running'))) \
                      AS batch_remaining"
         ))
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?;
         Ok(QueueGauges {
             counts,
@@ -792,7 +792,7 @@ impl Queue {
     pub async fn settings(&self) -> Result<Settings> {
         let daily: Option<Option<Decimal>> =
             sqlx::query_scalar("SELECT daily_budget_usd FROM imagegen.settings")
-                .fetch_optional(&self.pool)
+                .fetch_optional(self.db())
                 .await?;
         Ok(Settings {
             daily_budget_usd: daily.flatten(),
@@ -807,7 +807,7 @@ impl Queue {
                  updated_at = now()",
         )
         .bind(usd)
-        .execute(&self.pool)
+        .execute(self.db())
         .await?;
         Ok(())
     }
@@ -817,7 +817,7 @@ impl Queue {
     pub async fn schema_version(&self) -> Result<Option<i64>> {
         Ok(
             sqlx::query_scalar("SELECT max(version) FROM public._sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
+                .fetch_one(self.db())
                 .await?,
         )
     }

@@ -149,7 +149,7 @@ impl Queue {
         .bind(p.iter().map(|(i, _)| i.width).collect::<Vec<_>>())
         .bind(p.iter().map(|(i, _)| i.height).collect::<Vec<_>>())
         .bind(p.iter().map(|(i, _)| i.sha256.as_str()).collect::<Vec<_>>())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.db())
         .await?;
         Ok(applied.is_some())
     }
@@ -170,7 +170,7 @@ impl Queue {
         .bind(batch)
         .bind(all)
         .bind(specs)
-        .fetch_one(&self.pool)
+        .fetch_one(self.db())
         .await?)
     }
 
@@ -197,7 +197,7 @@ impl Queue {
         .bind(specs)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 
@@ -208,7 +208,7 @@ impl Queue {
              FROM imagegen.renditions WHERE job_id = $1 ORDER BY idx, spec",
         )
         .bind(job_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.db())
         .await?)
     }
 }
