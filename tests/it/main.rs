@@ -5,6 +5,7 @@ mod bench;
 mod helpers;
 mod http;
 mod openrouter;
+mod overnight;
 mod pipeline;
 mod push;
 mod queue;
