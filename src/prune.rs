@@ -49,7 +49,9 @@ pub async fn prune(
     mut progress: impl FnMut(&Pruned),
 ) -> Result<Pruned, PruneError> {
     let mut done = Pruned::default();
-    while let Some(c) = queue.prune_chunk(filter, chunk).await? {
+    let mut after = 0;
+    while let Some(c) = queue.prune_chunk(filter, after, chunk).await? {
+        after = c.ids.last().copied().unwrap_or(after);
         if let Some(storage) = storage {
             let deleted = futures::stream::iter(c.keys.iter())
                 .map(|key| async move {

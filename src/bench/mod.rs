@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
+mod prune;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -123,6 +124,8 @@ pub enum Scenario {
     Enqueue,
     /// GET /api/v1/jobs and the other reads with a million jobs in the table.
     Api,
+    /// `imagegen prune` over a million finished jobs, chunk by chunk.
+    Prune,
     /// Every scenario, in this order.
     All,
 }
@@ -318,6 +321,9 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Api {
         emit(api::api_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Prune {
+        emit(prune::prune_scenario(bench, args).await?);
     }
     Ok(())
 }

@@ -49,6 +49,7 @@ pub struct PruneCount {
 /// nothing).
 pub struct PruneChunk {
     tx: Transaction<'static, Postgres>,
+    /// Ascending.
     pub ids: Vec<i64>,
     /// Every object key of these jobs: originals, renditions, all generations.
     pub keys: Vec<String>,
@@ -80,22 +81,26 @@ impl Queue {
         .await?)
     }
 
-    /// Locks the next `limit` jobs of `filter` (skipping rows other sessions hold) and reads
-    /// their object keys. `None` when nothing is left.
+    /// Locks the next `limit` jobs of `filter` with an id above `after` (skipping rows other
+    /// sessions hold: a job being regenerated is left for the next prune) and reads their object
+    /// keys. `None` when nothing is left. Walking by id, not from the start each time, keeps a
+    /// long prune from stepping over the dead rows of the chunks before it.
     pub async fn prune_chunk(
         &self,
         filter: &PruneFilter,
+        after: i64,
         limit: i64,
     ) -> Result<Option<PruneChunk>> {
         let mut tx = self.pool.begin().await?;
         let ids: Vec<i64> = sqlx::query_scalar(&format!(
-            "SELECT id FROM imagegen.jobs WHERE {PRUNE_WHERE} \
+            "SELECT id FROM imagegen.jobs WHERE {PRUNE_WHERE} AND id > $5 \
              ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED"
         ))
         .bind(filter.finished_before)
         .bind(filter.batch.as_deref())
         .bind(filter.states())
         .bind(limit.max(1))
+        .bind(after)
         .persistent(self.keep_statements())
         .fetch_all(&mut *tx)
         .await?;
