@@ -643,6 +643,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         stop_deliveries.clone(),
     )
     .await?;
+    let pruner = cli::deliveries::spawn_pruner(&queue, &a.webhooks, stop_deliveries.clone());
     let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
     // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
     // in the outbox for the next worker.
@@ -650,6 +651,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
     if let Some(d) = deliverer {
         let _ = d.await;
     }
+    let _ = pruner.await;
     http_stop.cancel();
     if let Some(task) = http_task {
         task.await.context("the HTTP server task failed")??;
