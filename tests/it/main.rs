@@ -8,4 +8,5 @@ mod openrouter;
 mod pipeline;
 mod push;
 mod queue;
+mod renditions;
 mod storage;
