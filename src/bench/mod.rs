@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
+mod batch;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -123,6 +124,8 @@ pub enum Scenario {
     Enqueue,
     /// GET /api/v1/jobs and the other reads with a million jobs in the table.
     Api,
+    /// `imagegen batch submit` of a 100,000-row CSV, and the same file again.
+    Batch,
     /// Every scenario, in this order.
     All,
 }
@@ -186,6 +189,9 @@ pub struct BenchArgs {
     /// Print one JSON object per scenario (one per line) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Rows of the CSV the batch scenario submits.
+    #[arg(long, default_value_t = batch::TARGET_ROWS)]
+    pub batch_rows: usize,
 }
 
 impl Default for BenchArgs {
@@ -207,6 +213,7 @@ impl Default for BenchArgs {
             imagegen_bin: None,
             bench_database: DEFAULT_BENCH_DATABASE.to_owned(),
             json: false,
+            batch_rows: batch::TARGET_ROWS,
         }
     }
 }
@@ -318,6 +325,9 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Api {
         emit(api::api_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Batch {
+        emit(batch::batch_scenario(bench, args).await?);
     }
     Ok(())
 }
