@@ -132,6 +132,10 @@ enum Command {
     Renditions(cli::renditions::RenditionsCommand),
     /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
     Deliveries(cli::deliveries::DeliveriesArgs),
+    /// Batches from CSV/JSONL files: submit, list, show, watch, retry-failed, cancel, budget,
+    /// report.
+    #[command(subcommand)]
+    Batch(cli::batch::BatchCommand),
 }
 
 #[derive(Subcommand)]
@@ -308,8 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 q.retry(id).await?;
                 println!("job {id} is pending again");
             } else if failed {
-                let n = q.retry_failed(batch.as_deref()).await?;
-                println!("{n} failed job(s) pending again");
+                cli::batch::retry_failed(&q, batch.as_deref()).await?;
             }
         }
         Command::Worker(a) => worker(g, *a).await?,
@@ -336,15 +339,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let q = open_queue(g, 2).await?;
             match cmd {
                 BudgetCommand::Set { batch, usd } => {
-                    q.set_batch_budget(&batch, Some(usd))
-                        .await
-                        .map_err(explain_constraint)?;
-                    println!("batch {batch:?}: budget ${usd}");
+                    cli::batch::set_budget(&q, &batch, Some(usd)).await?
                 }
-                BudgetCommand::Clear { batch } => {
-                    q.set_batch_budget(&batch, None).await?;
-                    println!("batch {batch:?}: no budget");
-                }
+                BudgetCommand::Clear { batch } => cli::batch::set_budget(&q, &batch, None).await?,
                 BudgetCommand::Daily(cmd) => cli::budget::daily(q, cmd).await?,
                 BudgetCommand::List => {
                     let mut t = Table::new();
@@ -376,10 +373,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 q.cancel(id).await?;
                 println!("job {id} cancelled");
             } else if let Some(b) = batch {
-                let n = q.cancel_batch(&b).await?;
-                println!("{n} pending job(s) of batch {b:?} cancelled");
+                cli::batch::cancel(&q, &b).await?;
             }
         }
+        Command::Batch(cmd) => cli::batch::run(open_queue(g, 4).await?, cmd).await?,
     }
     Ok(())
 }
@@ -445,6 +442,10 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
 }
 
 async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
+    if a.by_batch && !a.json && a.batch.is_none() {
+        // The same table as `imagegen batch list`.
+        return cli::batch::list(&q, false).await;
+    }
     let counts = q.counts(a.by_batch, a.batch.as_deref()).await?;
     let workers = q.live_workers(std::time::Duration::from_secs(120)).await?;
     if a.json {

@@ -46,6 +46,7 @@ use crate::db;
 
 mod api;
 mod renditions;
+mod batch;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -128,6 +129,8 @@ pub enum Scenario {
     Api,
     /// CPU per job of renditions (thumb; og + thumb) from 1344x768 and 4K originals.
     Renditions,
+    /// `imagegen batch submit` of a 100,000-row CSV, and the same file again.
+    Batch,
     /// Every scenario, in this order.
     All,
 }
@@ -194,6 +197,9 @@ pub struct BenchArgs {
     /// Jobs per measurement of the renditions scenario at 1344x768 (4K runs an eighth).
     #[arg(long, default_value_t = renditions::DEFAULT_RENDITION_JOBS)]
     pub rendition_jobs: usize,
+    /// Rows of the CSV the batch scenario submits.
+    #[arg(long, default_value_t = batch::TARGET_ROWS)]
+    pub batch_rows: usize,
 }
 
 impl Default for BenchArgs {
@@ -216,6 +222,7 @@ impl Default for BenchArgs {
             bench_database: DEFAULT_BENCH_DATABASE.to_owned(),
             json: false,
             rendition_jobs: renditions::DEFAULT_RENDITION_JOBS,
+            batch_rows: batch::TARGET_ROWS,
         }
     }
 }
@@ -332,6 +339,9 @@ async fn scenarios(
         // CPU-bound and single-threaded: off the async threads.
         let a = args.clone();
         emit(tokio::task::spawn_blocking(move || renditions::renditions_scenario(&a)).await??);
+    }
+    if all || args.scenario == Scenario::Batch {
+        emit(batch::batch_scenario(bench, args).await?);
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         bench_database: bench_database.clone(),
         json: true,
         rendition_jobs: 2,
+        batch_rows: 1_000,
     };
     let mut reports: Vec<Report> = Vec::new();
     measure(&database_url(), &args, |r| reports.push(r))
@@ -50,7 +51,8 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
             "pipeline",
             "enqueue",
             "api",
-            "renditions"
+            "renditions",
+            "batch"
         ]
     );
     let json = |name: &str| &reports.iter().find(|r| r.scenario == name).unwrap().json;
@@ -80,6 +82,8 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         assert!(r["thumb_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["og_thumb_ms"].as_f64().unwrap() > r["thumb_ms"].as_f64().unwrap() * 0.5);
     }
+    assert_eq!(json("batch")["rows"], 1_000);
+    assert!(json("batch")["submit_seconds"].as_f64().unwrap() > 0.0);
     for r in &reports {
         assert!(!r.rows.is_empty(), "{} printed no figures", r.scenario);
     }
