@@ -1118,6 +1118,7 @@ async fn pipeline_runs(
             prompt: "bench warm-up".to_owned(),
             aspect_ratio: "16:9".to_owned(),
             image_size: None,
+            references: Vec::new(),
         })
         .await
         .context("warm-up call to the stand-in")?;

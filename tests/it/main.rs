@@ -6,6 +6,7 @@ mod bench;
 mod helpers;
 mod http;
 mod openrouter;
+mod overnight;
 mod pipeline;
 mod push;
 mod queue;
