@@ -32,6 +32,7 @@ use uuid::Uuid;
 use crate::error::{Classify, ErrorClass};
 
 pub mod api;
+pub mod pages;
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
 pub mod deliveries;
