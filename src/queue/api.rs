@@ -269,7 +269,7 @@ impl StateCounts {
         self.pending + self.running + self.succeeded + self.failed + self.cancelled
     }
 
-    fn add(&mut self, state: &str, n: i64) {
+    pub(super) fn add(&mut self, state: &str, n: i64) {
         match state {
             "pending" => self.pending += n,
             "running" => self.running += n,
@@ -953,7 +953,7 @@ async fn load_views(
 }
 
 /// Escapes `LIKE` wildcards so a search for `50%` finds the text `50%`.
-fn escape_like(s: &str) -> String {
+pub(super) fn escape_like(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '\\' | '%' | '_') {
