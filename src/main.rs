@@ -132,6 +132,10 @@ enum Command {
     Renditions(cli::renditions::RenditionsCommand),
     /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
     Deliveries(cli::deliveries::DeliveriesArgs),
+    /// Batches from CSV/JSONL files: submit, list, show, watch, retry-failed, cancel, budget,
+    /// report.
+    #[command(subcommand)]
+    Batch(cli::batch::BatchCommand),
     /// Make a finished job again as a new generation (new image keys; the old images stay).
     Regenerate(cli::regenerate::RegenerateArgs),
     /// Delete jobs that finished before a date (and, with --objects, their stored images).
@@ -328,8 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 q.retry(id).await?;
                 println!("job {id} is pending again");
             } else if failed {
-                let n = q.retry_failed(batch.as_deref()).await?;
-                println!("{n} failed job(s) pending again");
+                cli::batch::retry_failed(&q, batch.as_deref()).await?;
             }
         }
         Command::Worker(a) => return worker(g, *a).await,
@@ -358,15 +361,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let q = open_queue(g, 2).await?;
             match cmd {
                 BudgetCommand::Set { batch, usd } => {
-                    q.set_batch_budget(&batch, Some(usd))
-                        .await
-                        .map_err(explain_constraint)?;
-                    println!("batch {batch:?}: budget ${usd}");
+                    cli::batch::set_budget(&q, &batch, Some(usd)).await?
                 }
-                BudgetCommand::Clear { batch } => {
-                    q.set_batch_budget(&batch, None).await?;
-                    println!("batch {batch:?}: no budget");
-                }
+                BudgetCommand::Clear { batch } => cli::batch::set_budget(&q, &batch, None).await?,
                 BudgetCommand::Daily(cmd) => cli::budget::daily(q, cmd).await?,
                 BudgetCommand::List => {
                     let mut t = Table::new();
@@ -398,10 +395,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 q.cancel(id).await?;
                 println!("job {id} cancelled");
             } else if let Some(b) = batch {
-                let n = q.cancel_batch(&b).await?;
-                println!("{n} pending job(s) of batch {b:?} cancelled");
+                cli::batch::cancel(&q, &b).await?;
             }
         }
+        Command::Batch(cmd) => cli::batch::run(open_queue(g, 4).await?, cmd).await?,
     }
     Ok(0)
 }
@@ -468,6 +465,10 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
 }
 
 async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
+    if a.by_batch && !a.json && a.batch.is_none() {
+        // The same table as `imagegen batch list`.
+        return cli::batch::list(&q, false).await;
+    }
     let counts = q.counts(a.by_batch, a.batch.as_deref()).await?;
     let workers = q.live_workers(std::time::Duration::from_secs(120)).await?;
     if a.json {
@@ -671,6 +672,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<u8> {
         stop_deliveries.clone(),
     )
     .await?;
+    let pruner = cli::deliveries::spawn_pruner(&queue, &a.webhooks, stop_deliveries.clone());
     let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
     // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
     // in the outbox for the next worker.
@@ -678,6 +680,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<u8> {
     if let Some(d) = deliverer {
         let _ = d.await;
     }
+    let _ = pruner.await;
     http_stop.cancel();
     if let Some(task) = http_task {
         task.await.context("the HTTP server task failed")??;

@@ -6,6 +6,7 @@ pub mod renditions;
 
 use tokio_util::sync::CancellationToken;
 
+pub mod batch;
 pub mod budget;
 pub mod deliveries;
 pub mod prune;

@@ -59,7 +59,6 @@ pub async fn run(q: Queue, a: PruneArgs) -> anyhow::Result<()> {
 
 /// `imagegen batch delete B [--objects] [--dry-run]`: every job of the batch that is not
 /// running, pending ones included.
-#[allow(dead_code)] // `imagegen batch delete|regenerate` call it once the batch command lands
 pub async fn batch_delete(q: Queue, batch: String, a: DeleteArgs) -> anyhow::Result<()> {
     let filter = PruneFilter {
         finished_before: None,

@@ -31,7 +31,6 @@ pub async fn run(q: Queue, a: RegenerateArgs) -> anyhow::Result<()> {
 /// The row keys of a batch (as `batch submit --key` made them) to regenerate, with a new
 /// prompt for all of them if given. Keys naming no finished job of the batch are an error,
 /// after the others were regenerated.
-#[allow(dead_code)] // `imagegen batch delete|regenerate` call it once the batch command lands
 pub async fn batch(
     q: Queue,
     batch: &str,

@@ -39,7 +39,7 @@ pub const DEFAULT_PAGE: i64 = 50;
     paths(
         list_jobs, submit_jobs, get_job, retry_job, cancel_job, list_batches, get_batch,
         set_batch_budget, retry_failed, cancel_pending, list_workers, stats, get_daily_budget,
-        set_daily_budget
+        set_daily_budget, super::events::stream_events
     ),
     components(schemas(
         JobView, ImageView, AttemptView, JobList, JobRequest, SubmitBody, SubmittedJob,

@@ -269,7 +269,7 @@ impl StateCounts {
         self.pending + self.running + self.succeeded + self.failed + self.cancelled
     }
 
-    fn add(&mut self, state: &str, n: i64) {
+    pub(super) fn add(&mut self, state: &str, n: i64) {
         match state {
             "pending" => self.pending += n,
             "running" => self.running += n,
@@ -463,8 +463,16 @@ impl Queue {
     /// Jobs in their outside shape, in the order of `ids` (missing ids are left out). Three
     /// statements however many jobs.
     pub async fn job_views(&self, ids: &[i64]) -> Result<Vec<JobView>> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(load_views(&mut conn, ids).await?)
+        if self.keep_statements() {
+            let mut conn = self.pool.acquire().await?;
+            return Ok(load_views(&mut conn, ids, true).await?);
+        }
+        // Through a pooler (the webhook body is read here): the three statements pinned to one
+        // server by a transaction, and unnamed (see `pooled`).
+        let mut tx = self.pool.begin().await?;
+        let views = load_views(&mut tx, ids, false).await?;
+        tx.commit().await?;
+        Ok(views)
     }
 
     /// A page of jobs matching `filter`, continuing after `after` (the `next_after` of the
@@ -547,7 +555,7 @@ impl Queue {
         let mut ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
         let more = ids.len() as i64 > limit;
         ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let jobs = load_views(&mut tx, &ids).await?;
+        let jobs = load_views(&mut tx, &ids, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(JobPage {
             next_after: if more { ids.last().copied() } else { None },
@@ -642,7 +650,7 @@ impl Queue {
             ids.push((id, false));
         }
         let only: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
-        let views = load_views(&mut tx, &only).await?;
+        let views = load_views(&mut tx, &only, self.keep_statements()).await?;
         tx.commit().await?;
         let by_id: HashMap<i64, JobView> = views.into_iter().map(|v| (v.id, v)).collect();
         Ok(ids
@@ -856,9 +864,11 @@ fn batch_sql(condition: &str) -> String {
     )
 }
 
+/// `persistent`: whether the statements may stay prepared on the server (not through a pooler).
 async fn load_views(
     conn: &mut sqlx::PgConnection,
     ids: &[i64],
+    persistent: bool,
 ) -> std::result::Result<Vec<JobView>, sqlx::Error> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -866,6 +876,7 @@ async fn load_views(
     let bases: Vec<JobBase> = sqlx::query_as(&format!(
         "SELECT {JOB_VIEW_COLUMNS} FROM imagegen.jobs WHERE id = ANY($1)"
     ))
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
@@ -874,6 +885,7 @@ async fn load_views(
              prompt_tokens, completion_tokens, image_tokens, cost_usd, generation_id, duration_ms \
          FROM imagegen.attempts WHERE job_id = ANY($1) ORDER BY job_id, id",
     )
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
@@ -884,6 +896,7 @@ async fn load_views(
              AND j.generation = i.generation \
          WHERE i.job_id = ANY($1) ORDER BY i.job_id, i.idx",
     )
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
@@ -940,7 +953,7 @@ async fn load_views(
 }
 
 /// Escapes `LIKE` wildcards so a search for `50%` finds the text `50%`.
-fn escape_like(s: &str) -> String {
+pub(super) fn escape_like(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if matches!(c, '\\' | '%' | '_') {

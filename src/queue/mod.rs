@@ -32,6 +32,8 @@ use uuid::Uuid;
 use crate::error::{Classify, ErrorClass};
 
 pub mod api;
+pub mod batches;
+pub mod pages;
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
 pub mod deliveries;

@@ -1,6 +1,7 @@
 //! The one integration-test binary: shared helpers and a module per area. Run it with
 //! `scripts/test`, which starts the S3-compatible server these tests need.
 
+mod batch;
 mod bench;
 mod helpers;
 mod http;
@@ -9,4 +10,5 @@ mod overnight;
 mod pipeline;
 mod push;
 mod queue;
+mod renditions;
 mod storage;
