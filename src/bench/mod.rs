@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
-mod renditions;
+pub mod renditions;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -194,6 +194,9 @@ pub struct BenchArgs {
     /// Jobs per measurement of the renditions scenario at 1344x768 (4K runs an eighth).
     #[arg(long, default_value_t = renditions::DEFAULT_RENDITION_JOBS)]
     pub rendition_jobs: usize,
+    /// The originals the renditions scenario measures from.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "1k,4k")]
+    pub rendition_sources: Vec<renditions::RenditionSource>,
 }
 
 impl Default for BenchArgs {
@@ -216,6 +219,10 @@ impl Default for BenchArgs {
             bench_database: DEFAULT_BENCH_DATABASE.to_owned(),
             json: false,
             rendition_jobs: renditions::DEFAULT_RENDITION_JOBS,
+            rendition_sources: vec![
+                renditions::RenditionSource::OneK,
+                renditions::RenditionSource::FourK,
+            ],
         }
     }
 }
