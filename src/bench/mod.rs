@@ -46,6 +46,7 @@ use crate::db;
 
 mod api;
 pub mod renditions;
+mod batch;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -128,6 +129,8 @@ pub enum Scenario {
     Api,
     /// CPU per job of renditions (thumb; og + thumb) from 1344x768 and 4K originals.
     Renditions,
+    /// `imagegen batch submit` of a 100,000-row CSV, and the same file again.
+    Batch,
     /// Every scenario, in this order.
     All,
 }
@@ -197,6 +200,9 @@ pub struct BenchArgs {
     /// The originals the renditions scenario measures from.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "1k,4k")]
     pub rendition_sources: Vec<renditions::RenditionSource>,
+    /// Rows of the CSV the batch scenario submits.
+    #[arg(long, default_value_t = batch::TARGET_ROWS)]
+    pub batch_rows: usize,
 }
 
 impl Default for BenchArgs {
@@ -223,6 +229,7 @@ impl Default for BenchArgs {
                 renditions::RenditionSource::OneK,
                 renditions::RenditionSource::FourK,
             ],
+            batch_rows: batch::TARGET_ROWS,
         }
     }
 }
@@ -339,6 +346,9 @@ async fn scenarios(
         // CPU-bound and single-threaded: off the async threads.
         let a = args.clone();
         emit(tokio::task::spawn_blocking(move || renditions::renditions_scenario(&a)).await??);
+    }
+    if all || args.scenario == Scenario::Batch {
+        emit(batch::batch_scenario(bench, args).await?);
     }
     Ok(())
 }
@@ -1115,6 +1125,7 @@ async fn pipeline_runs(
             prompt: "bench warm-up".to_owned(),
             aspect_ratio: "16:9".to_owned(),
             image_size: None,
+            references: Vec::new(),
         })
         .await
         .context("warm-up call to the stand-in")?;

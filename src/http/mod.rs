@@ -1,6 +1,6 @@
 //! The HTTP server: `router(state) -> Router` with the JSON API under `/api/v1` ([`api`]), health
-//! probes, `/metrics` ([`metrics`]), and the access layer ([`auth`]) the dashboard's pages will sit
-//! behind too. Handlers call the queue and hold no SQL; every error answer is a [`problem`].
+//! probes, `/metrics` ([`metrics`]), the access layer ([`auth`]), and the dashboard's pages at
+//! `/` ([`pages`]). Handlers call the queue and hold no SQL; every error answer is a [`problem`].
 //!
 //! Limits on every request: bodies over [`MAX_BODY_BYTES`] are a 413, query strings over
 //! [`MAX_QUERY_BYTES`] a 414, and a request that takes longer than [`REQUEST_TIMEOUT`] is a 503.
@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod events;
 pub mod metrics;
+pub mod pages;
 pub mod problem;
 
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub struct HttpState {
     streams: CancellationToken,
     /// Stops the hub's listener once the last clone of the state is gone.
     _hub: std::sync::Arc<tokio_util::sync::DropGuard>,
+    /// The dashboard's cached whole-table figures.
+    pub totals: pages::TotalsCache,
 }
 
 impl HttpState {
@@ -86,6 +89,7 @@ impl HttpState {
             event_keep_alive: events::KEEP_ALIVE,
             _hub: std::sync::Arc::new(streams.clone().drop_guard()),
             streams,
+            totals: pages::TotalsCache::default(),
         }
     }
 
@@ -154,12 +158,14 @@ pub fn router(state: HttpState) -> Router {
             auth.clone(),
             auth::require_probe,
         ));
+    let dashboard = pages::routes(state.clone());
     let api = api::routes(state.clone())
         .route("/events", get(events::stream_events).with_state(state))
         .layer(middleware::from_fn_with_state(auth, auth::require));
     Router::new()
         .nest("/api/v1", api)
         .merge(probes)
+        .merge(dashboard)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(limit_query))

@@ -36,6 +36,7 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         rendition_jobs: 1,
         // A 4K source takes seconds per job in a debug build; the scenario is the same code.
         rendition_sources: vec![imagegen::bench::renditions::RenditionSource::OneK],
+        batch_rows: 1_000,
     };
     let mut reports: Vec<Report> = Vec::new();
     measure(&database_url(), &args, |r| reports.push(r))
@@ -52,7 +53,8 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
             "pipeline",
             "enqueue",
             "api",
-            "renditions"
+            "renditions",
+            "batch"
         ]
     );
     let json = |name: &str| &reports.iter().find(|r| r.scenario == name).unwrap().json;
@@ -83,6 +85,8 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         assert!(r["thumb_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["og_thumb_ms"].as_f64().unwrap() > r["thumb_ms"].as_f64().unwrap() * 0.5);
     }
+    assert_eq!(json("batch")["rows"], 1_000);
+    assert!(json("batch")["submit_seconds"].as_f64().unwrap() > 0.0);
     for r in &reports {
         assert!(!r.rows.is_empty(), "{} printed no figures", r.scenario);
     }
