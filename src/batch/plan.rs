@@ -304,6 +304,7 @@ fn resolve(
         metadata: Some(Value::Object(row.clone())),
         callback_url,
         renditions,
+        reference_images: Vec::new(),
     })
 }
 
