@@ -47,7 +47,7 @@ use crate::db;
 mod api;
 mod batch;
 mod prune;
-mod renditions;
+pub mod renditions;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -200,6 +200,9 @@ pub struct BenchArgs {
     /// Jobs per measurement of the renditions scenario at 1344x768 (4K runs an eighth).
     #[arg(long, default_value_t = renditions::DEFAULT_RENDITION_JOBS)]
     pub rendition_jobs: usize,
+    /// The originals the renditions scenario measures from.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "1k,4k")]
+    pub rendition_sources: Vec<renditions::RenditionSource>,
     /// Rows of the CSV the batch scenario submits.
     #[arg(long, default_value_t = batch::TARGET_ROWS)]
     pub batch_rows: usize,
@@ -225,6 +228,10 @@ impl Default for BenchArgs {
             bench_database: DEFAULT_BENCH_DATABASE.to_owned(),
             json: false,
             rendition_jobs: renditions::DEFAULT_RENDITION_JOBS,
+            rendition_sources: vec![
+                renditions::RenditionSource::OneK,
+                renditions::RenditionSource::FourK,
+            ],
             batch_rows: batch::TARGET_ROWS,
         }
     }
