@@ -136,6 +136,10 @@ enum Command {
     /// report.
     #[command(subcommand)]
     Batch(cli::batch::BatchCommand),
+    /// Make a finished job again as a new generation (new image keys; the old images stay).
+    Regenerate(cli::regenerate::RegenerateArgs),
+    /// Delete jobs that finished before a date (and, with --objects, their stored images).
+    Prune(Box<cli::prune::PruneArgs>),
 }
 
 #[derive(Subcommand)]
@@ -175,9 +179,18 @@ struct WorkerArgs {
     /// No retry waits longer than this.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retry_cap: Duration,
-    /// Exit once no job is due or running (for cron-driven runs).
+    /// Exit once nothing is left to do now or soon (for cron-driven runs): no job due, running or
+    /// waiting for a retry. Exit code 0: nothing left; 3: stopped with work left (window closed,
+    /// budget reached, halted by a 401/402; the jobs are handed back, never failed); 1: an error.
     #[arg(long)]
     exit_when_idle: bool,
+    /// Claim only inside this daily window of wall-clock time, e.g. 22:00-06:00 (may cross
+    /// midnight). Calls in flight when it closes finish and are recorded.
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    window: Option<String>,
+    /// The window's timezone (IANA name, e.g. Europe/Berlin); default the machine's.
+    #[arg(long, requires = "window")]
+    timezone: Option<String>,
     /// Only claim jobs of this batch.
     #[arg(long)]
     batch: Option<String>,
@@ -239,6 +252,12 @@ struct EnqueueArgs {
     /// POST the finished job here (a signed webhook; http or https).
     #[arg(long)]
     callback_url: Option<String>,
+    /// A reference image sent with the prompt (up to 4): an https URL (passed on as is), a local
+    /// PNG/JPEG/WebP/GIF file (stored once in --storage), or the key of an object in storage.
+    #[arg(long = "reference", value_name = "URL|FILE|KEY")]
+    references: Vec<String>,
+    #[command(flatten)]
+    storage: StorageConfig,
 }
 
 #[derive(Args)]
@@ -268,7 +287,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -295,7 +314,8 @@ async fn open_queue(g: &Global, max_connections: u32) -> anyhow::Result<Queue> {
     Ok(Queue::new(pool))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the answer is the process's exit code (see `worker --exit-when-idle`).
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     let g = &cli.global;
     match cli.command {
         Command::Migrate => {
@@ -315,7 +335,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli::batch::retry_failed(&q, batch.as_deref()).await?;
             }
         }
-        Command::Worker(a) => worker(g, *a).await?,
+        Command::Worker(a) => return worker(g, *a).await,
+        Command::Regenerate(a) => cli::regenerate::run(open_queue(g, 2).await?, a).await?,
+        Command::Prune(a) => cli::prune::run(open_queue(g, 4).await?, *a).await?,
         Command::Demo { demo, storage } => {
             imagegen::demo::run(open_queue(g, 10).await?, &storage, demo).await?
         }
@@ -378,7 +400,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Batch(cmd) => cli::batch::run(open_queue(g, 4).await?, cmd).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
@@ -399,6 +421,7 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
         metadata,
         callback_url: a.callback_url,
         renditions: Vec::new(),
+        reference_images: cli::references(&a.references, &a.storage).await?,
     };
     if let Some(prompt) = a.prompt {
         let job = NewJob { prompt, ..template };
@@ -568,7 +591,11 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
+async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<u8> {
+    let window = match &a.window {
+        Some(w) => Some(imagegen::worker::Window::parse(w, a.timezone.as_deref())?),
+        None => None,
+    };
     // A refused HTTP configuration fails before anything else starts.
     let http = match a.http {
         Some(addr) => Some(imagegen::http::bind(addr, &a.http_auth).await?),
@@ -634,6 +661,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         },
         exit_when_idle: a.exit_when_idle,
         only_batch: a.batch,
+        window,
     };
     let shutdown = shutdown_token();
     let stop_deliveries = CancellationToken::new();
@@ -644,6 +672,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         stop_deliveries.clone(),
     )
     .await?;
+    let pruner = cli::deliveries::spawn_pruner(&queue, &a.webhooks, stop_deliveries.clone());
     let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
     // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
     // in the outbox for the next worker.
@@ -651,12 +680,16 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
     if let Some(d) = deliverer {
         let _ = d.await;
     }
+    let _ = pruner.await;
     http_stop.cancel();
     if let Some(task) = http_task {
         task.await.context("the HTTP server task failed")??;
     }
-    ran?;
-    Ok(())
+    let stopped = ran?;
+    if let imagegen::worker::Stopped::WorkLeft(reason) = &stopped {
+        eprintln!("stopped with work left: {reason}");
+    }
+    Ok(stopped.exit_code())
 }
 
 async fn doctor(
