@@ -45,8 +45,8 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
-mod renditions;
 mod batch;
+mod renditions;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
