@@ -103,18 +103,21 @@ CREATE INDEX IF NOT EXISTS jobs_batch_seq_idx ON imagegen.jobs (batch, batch_seq
     WHERE batch IS NOT NULL;
 
 -- A job inserted into a batch with a default callback URL, without one of its own, gets the
--- batch's. The WHEN clause is checked without calling the function, so jobs outside batches,
--- or with their own URL (`imagegen batch submit` fills it in itself), pay nothing.
+-- batch's. One statement-level trigger (the inserted rows as a transition table), not a row
+-- trigger: a per-row function call made a 100,000-row submission a third slower, for batches
+-- that mostly have no default URL. It runs after the rows' own AFTER INSERT triggers, so a job
+-- inserted already finished (which writes its webhook delivery at once) is not given the URL.
 CREATE FUNCTION imagegen.jobs_batch_callback() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT b.callback_url INTO NEW.callback_url FROM imagegen.batches b WHERE b.name = NEW.batch;
-    RETURN NEW;
+    UPDATE imagegen.jobs j SET callback_url = b.callback_url
+    FROM new_jobs n JOIN imagegen.batches b ON b.name = n.batch
+    WHERE j.id = n.id AND n.callback_url IS NULL AND b.callback_url IS NOT NULL;
+    RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER jobs_batch_callback
-    BEFORE INSERT ON imagegen.jobs
-    FOR EACH ROW
-    WHEN (NEW.batch IS NOT NULL AND NEW.callback_url IS NULL)
-    EXECUTE FUNCTION imagegen.jobs_batch_callback();
+    AFTER INSERT ON imagegen.jobs
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION imagegen.jobs_batch_callback();

@@ -58,6 +58,10 @@ pub struct RowDefaults {
     pub run_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Reference images as jobs store them: https URLs or storage keys (the CLI stores local
+    /// files first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reference_images: Vec<String>,
 }
 
 impl RowDefaults {
@@ -84,6 +88,7 @@ impl RowDefaults {
         if let Some(v) = &self.callback_url {
             named("callback-url", check_callback_url(v))?;
         }
+        named("reference", check_references(&self.reference_images))?;
         Ok(())
     }
 }
@@ -282,12 +287,15 @@ fn resolve(
     if let Some(u) = &callback_url {
         note("callback_url", check_callback_url(u));
     }
-    if text(row, "reference").is_some() {
-        note(
-            "reference",
-            Err("reference images are not supported by this version of imagegen".to_owned()),
-        );
-    }
+    let reference_images = match references(row) {
+        Ok(Some(r)) => r,
+        Ok(None) => d.reference_images.clone(),
+        Err(e) => {
+            note("reference", Err(e));
+            Vec::new()
+        }
+    };
+    note("reference", check_references(&reference_images));
     if !reasons.is_empty() {
         return Err(reasons);
     }
@@ -304,7 +312,7 @@ fn resolve(
         metadata: Some(Value::Object(row.clone())),
         callback_url,
         renditions,
-        reference_images: Vec::new(),
+        reference_images,
     })
 }
 
@@ -318,6 +326,7 @@ pub fn content_hash(job: &NewJob) -> String {
         job.model.as_deref().unwrap_or(""),
         job.image_size.as_deref().unwrap_or(""),
         &job.renditions.join(","),
+        &job.reference_images.join(" "),
     ] {
         h.update(part.as_bytes());
         // A separator no field holds, so ("ab", "c") and ("a", "bc") differ.
@@ -369,6 +378,58 @@ fn list(row: &serde_json::Map<String, Value>, column: &str) -> Result<Option<Vec
             .map(Some),
         Some(other) => Err(format!("{other} is not a list of specs")),
     }
+}
+
+/// A row's `reference` column: references separated by spaces (or a JSON array of them).
+/// Spaces, not commas: a URL may hold commas, and neither a reference URL nor a key holds a
+/// space (`jobs_reference_images_valid`).
+fn references(row: &serde_json::Map<String, Value>) -> Result<Option<Vec<String>>, String> {
+    match row.get("reference") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.split_whitespace().map(str::to_owned).collect())),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!("{other} is not a reference")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(other) => Err(format!("{other} is not a reference")),
+    }
+}
+
+/// `jobs_reference_images_valid`: at most 4, each an https URL (up to 2,000 characters, a host,
+/// no spaces) or a storage key (`[A-Za-z0-9._-]` segments separated by `/`, no `.` or `..`
+/// segment, up to 512 characters). Formats and sizes are checked before the call.
+pub fn check_references(refs: &[String]) -> Result<(), String> {
+    let max = crate::openrouter::MAX_REFERENCES;
+    if refs.len() > max {
+        return Err(format!("{} reference images, at most {max}", refs.len()));
+    }
+    for r in refs {
+        let url_ok = r.strip_prefix("https://").is_some_and(|rest| {
+            let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+            !host.is_empty() && !r.chars().any(char::is_whitespace) && r.chars().count() <= 2000
+        });
+        let key_ok = r.chars().count() <= 512
+            && r.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            });
+        if !url_ok && !key_ok {
+            return Err(format!(
+                "{:?} is neither an https:// URL nor a storage key",
+                r.chars().take(80).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `og,thumb` or `og thumb` into specs.

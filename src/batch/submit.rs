@@ -59,7 +59,10 @@ pub struct SubmitReport {
     pub unchanged: usize,
     /// Rows whose job exists with another prompt or options.
     pub changed: Vec<ChangedRow>,
-    /// Changed jobs put back to pending (with `regenerate_changed`).
+    /// Whether changed rows were to be generated again (`regenerate_changed`).
+    pub regenerate_changed: bool,
+    /// Changed jobs regenerated (finished ones) or changed in place (pending ones), with
+    /// `regenerate_changed`; running ones are left as they are.
     pub regenerated: u64,
     /// Existing jobs whose file position changed.
     pub moved: u64,
@@ -76,7 +79,7 @@ pub struct ChangedRow {
     pub key: String,
     pub job_id: i64,
     pub state: String,
-    /// Which of prompt, aspect_ratio, model, image_size, renditions differ.
+    /// Which of prompt, aspect_ratio, model, image_size, renditions, reference differ.
     pub fields: Vec<&'static str>,
 }
 
@@ -270,6 +273,7 @@ pub async fn submit(
                 model: p.job.model.clone().unwrap_or_default(),
                 image_size: p.job.image_size.clone(),
                 renditions: p.job.renditions.clone(),
+                reference_images: p.job.reference_images.clone(),
             });
         }
         changed.push(ChangedRow {
@@ -324,6 +328,7 @@ pub async fn submit(
         inserted: 0,
         unchanged,
         changed,
+        regenerate_changed: opts.regenerate_changed,
         regenerated: 0,
         moved: 0,
         first_prompts: planned
@@ -388,6 +393,9 @@ fn differences(p: &Planned, job: &ExistingJob) -> Vec<&'static str> {
     }
     if p.job.renditions != job.renditions {
         fields.push("renditions");
+    }
+    if p.job.reference_images != job.reference_images {
+        fields.push("reference");
     }
     fields
 }

@@ -133,9 +133,16 @@ pub struct SubmitArgs {
     /// Generate rows whose prompt or options changed again (otherwise they are only reported).
     #[arg(long)]
     regenerate_changed: bool,
+    /// A reference image for every row (up to 4; a `reference` column overrides it): an https
+    /// URL (passed on as is), a local PNG/JPEG/WebP/GIF file (stored once in --storage), or the
+    /// key of an object in storage.
+    #[arg(long = "reference", value_name = "URL|FILE|KEY")]
+    references: Vec<String>,
     /// Print the outcome as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    storage: StorageConfig,
 }
 
 #[derive(Args)]
@@ -236,6 +243,7 @@ async fn submit(q: &Queue, a: SubmitArgs) -> anyhow::Result<()> {
             max_attempts: a.max_attempts,
             run_at: a.run_at,
             callback_url: a.callback_url,
+            reference_images: super::references(&a.references, &a.storage).await?,
         },
         dry_run: a.dry_run,
         budget_usd: a.budget,
@@ -322,7 +330,7 @@ fn print_submit(r: &SubmitReport) {
                 String::new()
             }
         );
-        if r.dry_run || r.regenerated == 0 {
+        if !r.regenerate_changed {
             println!("  (--regenerate-changed generates them again)");
         }
     }
@@ -344,10 +352,10 @@ fn print_submit(r: &SubmitReport) {
             }
         );
         let left = (r.changed.len() as u64).saturating_sub(r.regenerated);
-        if r.regenerated > 0 && left > 0 {
+        if r.regenerate_changed && left > 0 {
             println!(
-                "  {left} changed job(s) not regenerated: running, or holding paid-for images \
-                 not stored yet"
+                "  {left} changed job(s) not regenerated \
+                 (running: their call is paid for)"
             );
         }
     }

@@ -62,9 +62,8 @@ pub struct ExistingJob {
     pub model: String,
     pub image_size: Option<String>,
     pub renditions: Vec<String>,
+    pub reference_images: Vec<String>,
     pub batch_seq: Option<i64>,
-    /// An earlier attempt paid for images not stored yet (`imagegen.paid_images`).
-    pub has_paid_images: bool,
 }
 
 /// A changed row to generate again: the job and what the file now asks for.
@@ -76,6 +75,7 @@ pub struct Regeneration {
     pub model: String,
     pub image_size: Option<String>,
     pub renditions: Vec<String>,
+    pub reference_images: Vec<String>,
 }
 
 /// What one submission wrote.
@@ -83,7 +83,8 @@ pub struct Regeneration {
 pub struct FileSubmitted {
     /// New jobs inserted (a row whose key another submission inserted meanwhile is not).
     pub inserted: u64,
-    /// Changed jobs put back to pending with the file's prompt and options.
+    /// Changed jobs that will be made with the file's prompt and options: finished ones as
+    /// their next generation, pending ones (not made yet) changed in place.
     pub regenerated: u64,
     /// Existing jobs whose file position changed (an edited file moved or added rows).
     pub moved: u64,
@@ -120,7 +121,7 @@ pub struct ReportRow {
     pub rendition_urls: serde_json::Value,
     pub cost_usd: Decimal,
     pub last_error: Option<String>,
-    /// Of the first image.
+    /// Of the first image of the newest generation that has images (what `image_urls` shows).
     pub width: Option<i32>,
     pub height: Option<i32>,
     /// The storage key and content type of the first image's `thumb` rendition.
@@ -147,10 +148,9 @@ impl Queue {
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             let mut rows: Vec<ExistingJob> = sqlx::query_as(
                 "SELECT j.id, j.idempotency_key, j.batch, j.state, j.prompt, j.aspect_ratio, \
-                     j.model, j.image_size, j.renditions, j.batch_seq, \
-                     EXISTS (SELECT 1 FROM imagegen.paid_images p WHERE p.job_id = j.id) \
-                         AS has_paid_images \
-                 FROM imagegen.jobs j WHERE j.idempotency_key = ANY($1)",
+                     j.model, j.image_size, j.renditions, j.reference_images, j.batch_seq \
+                 FROM imagegen.jobs j JOIN UNNEST($1::text[]) AS k(key) \
+                     ON j.idempotency_key = k.key",
             )
             .bind(chunk)
             .fetch_all(self.db())
@@ -239,14 +239,15 @@ impl Queue {
             let inserted = sqlx::query(
                 "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, \
                      priority, run_at, idempotency_key, max_attempts, metadata, callback_url, \
-                     renditions, batch_seq) \
+                     renditions, batch_seq, reference_images) \
                  SELECT p, COALESCE(r, '16:9'), COALESCE(m, 'google/gemini-2.5-flash-image'), s, \
                      b, COALESCE(pr, 0), COALESCE(ra, now()), k, COALESCE(ma, 3), md, cb, \
-                     COALESCE(string_to_array(NULLIF(rs, ''), ','), '{}'), sq \
+                     COALESCE(string_to_array(NULLIF(rs, ''), ','), '{}'), sq, \
+                     COALESCE(string_to_array(NULLIF(rf, ''), ' '), '{}') \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                      $6::int[], $7::timestamptz[], $8::text[], $9::int[], $10::jsonb[], \
-                     $11::text[], $12::text[], $13::bigint[]) \
-                     AS t(p, r, m, s, b, pr, ra, k, ma, md, cb, rs, sq) \
+                     $11::text[], $12::text[], $13::bigint[], $14::text[]) \
+                     AS t(p, r, m, s, b, pr, ra, k, ma, md, cb, rs, sq, rf) \
                  ON CONFLICT (idempotency_key) DO NOTHING",
             )
             .bind(&cols.prompts)
@@ -262,6 +263,7 @@ impl Queue {
             .bind(&cols.callbacks)
             .bind(&cols.renditions)
             .bind(seq_chunk)
+            .bind(&cols.references)
             .persistent(keep)
             .execute(&mut *tx)
             .await?;
@@ -284,54 +286,55 @@ impl Queue {
             .rows_affected();
         }
 
-        if !regenerate.is_empty() {
-            // A changed row is generated again by resetting its job to pending with the file's
-            // prompt and options, in one statement. A finished job becomes its next generation
-            // (as `Queue::regenerate` does): its new images get new keys and the old ones stay
-            // as history. Running jobs (their call is paid for) and jobs holding paid-for images
-            // not stored yet (they would be stored for the old prompt) are left as they are and
-            // reported as changed.
-            let mut ids = Vec::with_capacity(regenerate.len());
-            let mut prompts = Vec::with_capacity(regenerate.len());
-            let mut ratios = Vec::with_capacity(regenerate.len());
-            let mut models = Vec::with_capacity(regenerate.len());
-            let mut sizes = Vec::with_capacity(regenerate.len());
-            let mut renditions = Vec::with_capacity(regenerate.len());
-            for r in regenerate {
-                ids.push(r.job_id);
-                prompts.push(r.prompt.as_str());
-                ratios.push(r.aspect_ratio.as_str());
-                models.push(r.model.as_str());
-                sizes.push(r.image_size.as_deref());
-                renditions.push(r.renditions.join(","));
-            }
-            done.regenerated = sqlx::query(
-                "UPDATE imagegen.jobs j SET prompt = g.p, aspect_ratio = g.r, model = g.m, \
-                     image_size = g.s, \
-                     renditions = COALESCE(string_to_array(NULLIF(g.rs, ''), ','), '{}'), \
-                     generation = CASE WHEN j.state IN ('succeeded', 'failed', 'cancelled') \
-                         THEN j.generation + 1 ELSE j.generation END, \
-                     rendition_urls = '{}', rendition_errors = NULL, retry_pending = false, \
-                     state = 'pending', attempts = 0, run_at = now(), finished_at = NULL, \
-                     last_error = NULL, updated_at = now() \
-                 FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[]) AS g(id, p, r, m, s, rs) \
-                 WHERE j.id = g.id AND j.state <> 'running' \
-                   AND NOT EXISTS (SELECT 1 FROM imagegen.paid_images p WHERE p.job_id = j.id)",
-            )
-            .bind(&ids)
-            .bind(&prompts)
-            .bind(&ratios)
-            .bind(&models)
-            .bind(&sizes)
-            .bind(&renditions)
-            .persistent(keep)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if done.regenerated > 0 {
-                super::notify(&mut tx, keep).await?;
-            }
+        // Changed rows: a finished job is regenerated (its next generation, the earlier ones
+        // kept as history; the same SET list as `Queue::regenerate`), with the file's options;
+        // a pending one has made nothing yet and is changed in place. A running job is left as
+        // it is: its call is paid for.
+        let regenerate_sql = format!(
+            "UPDATE imagegen.jobs SET {}, aspect_ratio = $3, model = $4, image_size = $5, \
+                 renditions = $6, reference_images = $7 \
+             WHERE id = $1 AND {}",
+            super::generations::REGENERATE_SET,
+            super::generations::FINISHED
+        );
+        for r in regenerate {
+            let changed = sqlx::query(&regenerate_sql)
+                .bind(r.job_id)
+                .bind(&r.prompt)
+                .bind(&r.aspect_ratio)
+                .bind(&r.model)
+                .bind(&r.image_size)
+                .bind(&r.renditions)
+                .bind(&r.reference_images)
+                .persistent(keep)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let changed = if changed == 1 {
+                1
+            } else {
+                sqlx::query(
+                    "UPDATE imagegen.jobs SET prompt = $2, aspect_ratio = $3, model = $4, \
+                         image_size = $5, renditions = $6, reference_images = $7, \
+                         updated_at = now() \
+                     WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(r.job_id)
+                .bind(&r.prompt)
+                .bind(&r.aspect_ratio)
+                .bind(&r.model)
+                .bind(&r.image_size)
+                .bind(&r.renditions)
+                .bind(&r.reference_images)
+                .persistent(keep)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+            };
+            done.regenerated += changed;
+        }
+        if done.regenerated > 0 {
+            super::notify(&mut tx, keep).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -386,6 +389,8 @@ struct Columns<'a> {
     callbacks: Vec<Option<&'a str>>,
     // Comma-joined: Postgres arrays of arrays must be rectangular, and no spec holds a comma.
     renditions: Vec<String>,
+    // Space-joined: no reference URL or key holds a space.
+    references: Vec<String>,
 }
 
 impl<'a> Columns<'a> {
@@ -404,6 +409,7 @@ impl<'a> Columns<'a> {
             metadata: Vec::with_capacity(n),
             callbacks: Vec::with_capacity(n),
             renditions: Vec::with_capacity(n),
+            references: Vec::with_capacity(n),
         };
         for j in jobs {
             c.prompts.push(&j.prompt);
@@ -419,6 +425,7 @@ impl<'a> Columns<'a> {
             c.callbacks
                 .push(j.callback_url.as_deref().or(batch_callback));
             c.renditions.push(j.renditions.join(","));
+            c.references.push(j.reference_images.join(" "));
         }
         c
     }

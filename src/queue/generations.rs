@@ -17,13 +17,13 @@ pub struct Regenerated {
 /// The SET list shared by both regenerate statements: a fresh set of attempts, the new prompt if
 /// given (its constraints apply), and no renditions recorded yet for the new originals (the job's
 /// `image_urls` keep pointing at the previous generation until the new one succeeds).
-const REGENERATE_SET: &str = "generation = generation + 1, prompt = COALESCE($2, prompt), \
+pub(super) const REGENERATE_SET: &str = "generation = generation + 1, prompt = COALESCE($2, prompt), \
      state = 'pending', attempts = 0, run_at = now(), finished_at = NULL, last_error = NULL, \
      retry_pending = false, rendition_urls = '{}', rendition_errors = NULL, updated_at = now()";
 
 /// States a job may be regenerated from: finished ones. A pending or running job is still
 /// making its current generation.
-const FINISHED: &str = "state IN ('succeeded', 'failed', 'cancelled')";
+pub(super) const FINISHED: &str = "state IN ('succeeded', 'failed', 'cancelled')";
 
 impl Queue {
     /// Puts a finished job back to pending as its next generation, with `new_prompt` if given,

@@ -317,6 +317,39 @@ async fn a_resubmit_adds_nothing_and_an_edited_file_reports_its_changed_rows(poo
     assert_eq!(got[2].prompt, "Header for Beta (new)");
     assert_eq!(got[2].state, "pending");
     assert_eq!(got[1].state, "succeeded");
+    // Regenerated as its next generation (the images of the first stay as history).
+    let generations: Vec<i32> = sqlx::query_scalar(
+        "SELECT generation FROM imagegen.jobs WHERE batch = 'site' ORDER BY batch_seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(generations, [1, 1, 2, 1]);
+    // A changed row whose job has not run yet is changed in place.
+    sqlx::query("UPDATE imagegen.jobs SET state = 'pending' WHERE idempotency_key = 'site:z'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = submit(
+        &q,
+        "slug,title
+z,Zeta 2
+a,Alpha
+b,Beta (new)
+c,Gamma
+",
+        &o,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.changed.len(), r.regenerated), (1, 1));
+    let z: (String, i32, String) = sqlx::query_as(
+        "SELECT prompt, generation, state FROM imagegen.jobs WHERE idempotency_key = 'site:z'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(z, ("Header for Zeta 2".to_owned(), 1, "pending".to_owned()));
     let again = submit(&q, edited, &o).await.unwrap();
     assert_eq!((again.inserted, again.changed.len()), (0, 0));
 
@@ -413,6 +446,49 @@ async fn the_budgets_table_lives_on_as_a_view_and_batches_lend_their_callback_ur
         Some("https://hooks.example.com/done")
     );
     assert_eq!(urls["own"].as_deref(), Some("https://own.example.com/"));
+}
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn reference_images_come_from_the_option_and_the_reference_column(pool: PgPool) {
+    let q = Queue::new(pool.clone());
+    let mut o = options("refs", Format::Csv);
+    o.key = Some("{slug}".into());
+    o.defaults.reference_images = vec!["references/house-style.png".into()];
+    let Err(SubmitError::Invalid(errors)) = submit(
+        &q,
+        "slug,prompt,reference\na,one,\nb,two,../etc/passwd\nc,three,a b c d e\n",
+        &o,
+    )
+    .await
+    else {
+        panic!("bad references must be refused");
+    };
+    let lines: Vec<u64> = errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [3, 4], "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.reason.contains("reference")),
+        "{errors:?}"
+    );
+
+    let file = "slug,prompt,reference\na,one,\nb,two,https://cdn.example.com/logo.png?v=1,2 styles/x.webp\n";
+    assert_eq!(submit(&q, file, &o).await.unwrap().inserted, 2);
+    let refs: Vec<Vec<String>> = sqlx::query_scalar(
+        "SELECT reference_images FROM imagegen.jobs WHERE batch = 'refs' ORDER BY batch_seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(refs[0], ["references/house-style.png"]);
+    assert_eq!(
+        refs[1],
+        ["https://cdn.example.com/logo.png?v=1,2", "styles/x.webp"]
+    );
+    // Another default reference changes the row that uses it, not the one with its own.
+    o.defaults.reference_images = vec!["references/new-style.png".into()];
+    let r = submit(&q, file, &o).await.unwrap();
+    assert_eq!((r.unchanged, r.changed.len()), (1, 1));
+    assert_eq!(r.changed[0].key, "a");
+    assert_eq!(r.changed[0].fields, ["reference"]);
 }
 
 /// Runs a worker on the stand-in and `storage` until nothing is left to do.
