@@ -83,6 +83,33 @@ struct Inner {
     read_only: bool,
     /// Health and metrics need no token.
     open_probes: bool,
+    /// Signs the dashboard's session cookies and CSRF tokens: derived from the tokens (so every
+    /// instance with the same tokens accepts the same cookies, and changing a token signs
+    /// everyone out), or random per process when there is no token.
+    session_key: [u8; 32],
+}
+
+/// What a presented token (or a dashboard session made with it) may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read and change.
+    Full,
+    /// Read only.
+    Read,
+}
+
+fn session_key(full: Option<[u8; 32]>, read: Option<[u8; 32]>) -> [u8; 32] {
+    if full.is_none() && read.is_none() {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        return key;
+    }
+    let mut h = Sha256::new();
+    h.update(b"imagegen dashboard session v1\0");
+    h.update(full.unwrap_or_default());
+    h.update(read.unwrap_or_default());
+    h.finalize().into()
 }
 
 impl std::fmt::Debug for Auth {
@@ -121,6 +148,7 @@ impl Auth {
             read,
             read_only: args.read_only,
             open_probes: loopback || args.open_metrics || !has_token,
+            session_key: session_key(full, read),
         })))
     }
 
@@ -131,7 +159,31 @@ impl Auth {
             read: None,
             read_only: false,
             open_probes: true,
+            session_key: session_key(None, None),
         }))
+    }
+
+    /// Whether requests need a token (or a dashboard session made with one).
+    pub fn has_tokens(&self) -> bool {
+        self.0.full.is_some() || self.0.read.is_some()
+    }
+
+    /// What `presented` may do if it is one of the tokens, compared in constant time.
+    pub fn token_access(&self, presented: &str) -> Option<Access> {
+        let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+        let is = |t: &Option<[u8; 32]>| t.is_some_and(|t| bool::from(t.ct_eq(&presented)));
+        if is(&self.0.full) {
+            Some(Access::Full)
+        } else if is(&self.0.read) {
+            Some(Access::Read)
+        } else {
+            None
+        }
+    }
+
+    /// The key the dashboard signs its cookies and CSRF tokens with. Never leaves the process.
+    pub fn session_key(&self) -> &[u8; 32] {
+        &self.0.session_key
     }
 
     /// Whether this server refuses every change.

@@ -18,5 +18,8 @@ pub mod models;
 mod stream;
 mod wire;
 
-pub use client::{Client, ClientError, Config, DEFAULT_BASE_URL, Generation, ImageRequest, Usage};
+pub use client::{
+    Client, ClientError, Config, DEFAULT_BASE_URL, DataUrl, Generation, ImageRequest,
+    MAX_REFERENCES, ReferenceImage, Usage,
+};
 pub use error::{CallError, CallErrorKind};

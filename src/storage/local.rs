@@ -70,6 +70,23 @@ impl LocalStorage {
         .await
     }
 
+    pub(super) async fn get_stream(&self, key: &str) -> Result<super::ByteChunks, StorageError> {
+        use futures::StreamExt as _;
+        let path = self.path_for(key);
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => Ok(tokio_util::io::ReaderStream::new(f).boxed()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
+                key: key.to_owned(),
+                location: self.describe(),
+            }),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    pub(super) fn has_public_base(&self) -> bool {
+        self.public_base.is_some()
+    }
+
     pub(super) async fn head(&self, key: &str) -> Result<super::ObjectInfo, StorageError> {
         let path = self.path_for(key);
         let location = self.describe();

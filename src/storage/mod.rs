@@ -37,7 +37,10 @@ use sha2::Digest as _;
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 
-pub use key::{object_key, parse_file_name, rendition_key, sanitize_batch, validate_key};
+pub use key::{
+    FIRST_GENERATION, generation_key, object_key, parse_file_name, rendition_key, sanitize_batch,
+    validate_key,
+};
 pub use local::LocalStorage;
 pub use s3::S3Storage;
 
@@ -276,6 +279,9 @@ pub struct ObjectInfo {
     pub cache_control: Option<String>,
 }
 
+/// An object's bytes as they arrive: what [`Storage::get_stream`] returns.
+pub type ByteChunks = futures::stream::BoxStream<'static, Result<Bytes, std::io::Error>>;
+
 /// A storage backend, opened once and shared: cloning is a reference-count increment, and all
 /// methods take `&self`, so hundreds of concurrent jobs can use one value.
 #[derive(Debug, Clone)]
@@ -409,6 +415,26 @@ impl Storage {
             Storage::Local(l) => l.get(key).await,
             Storage::S3(s) => s.get(key).await,
         }
+    }
+
+    /// Reads an object as a stream of chunks, so a server can pass it on without holding it
+    /// whole. A missing object is [`StorageError::NotFound`] before the first chunk.
+    pub async fn get_stream(&self, key: &str) -> Result<ByteChunks, StorageError> {
+        check_key(key)?;
+        match self {
+            Storage::Local(l) => l.get_stream(key).await,
+            Storage::S3(s) => s.get_stream(key).await,
+        }
+    }
+
+    /// The public URL of `key` when a public base URL is configured (pages link it instead of
+    /// passing the bytes through the server).
+    pub fn public_url(&self, key: &str) -> Option<String> {
+        let public = match self {
+            Storage::Local(l) => l.has_public_base(),
+            Storage::S3(s) => s.has_public_base(),
+        };
+        public.then(|| self.url_for(key))
     }
 
     /// An object's content type, size and metadata.

@@ -300,6 +300,28 @@ impl S3Storage {
         Ok(body.into_bytes())
     }
 
+    pub(super) async fn get_stream(&self, key: &str) -> Result<super::ByteChunks, StorageError> {
+        use futures::StreamExt as _;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+            .map_err(|e| self.error("GetObject", Op::Read, key, e))?;
+        Ok(futures::stream::unfold(out.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|chunk| (chunk.map_err(std::io::Error::other), body))
+        })
+        .boxed())
+    }
+
+    pub(super) fn has_public_base(&self) -> bool {
+        self.public_base.is_some()
+    }
+
     pub(super) async fn head(&self, key: &str) -> Result<ObjectInfo, StorageError> {
         let out = self
             .client
