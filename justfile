@@ -15,6 +15,15 @@ test *ARGS:
 bench *ARGS:
     RUST_LOG="${RUST_LOG:-warn}" cargo run --release -- bench all {{ARGS}}
 
+# Just the pipeline's cases (1,000 flash calls at 20 s in bursts, 200 Pro 4K calls, 256 at 2 s,
+# the provider's in-flight limit), figures beside their targets; about 5 minutes.
+bench-pipeline *ARGS:
+    RUST_LOG="${RUST_LOG:-warn}" cargo run --release -- bench pipeline {{ARGS}}
+
+# CPU per image without a full run: the answer parser and image path at 1.2 MB and 8 MB (divan).
+bench-micro:
+    cargo bench --bench answer
+
 # Formatting and lints, as CI runs them.
 lint:
     cargo fmt --check

@@ -19,6 +19,11 @@ pub enum ErrorClass {
     /// Fails the same way for every job of this job's batch (its budget is spent): the worker
     /// stops claiming that batch for a while and hands the job back without spending an attempt.
     HaltBatch,
+    /// The other side has too many of our calls in flight right now (OpenRouter's 402
+    /// `in_flight_budget_exhausted`): a shared cool-down. The worker waits `after` (or a short
+    /// default) before claiming again, hands the job back without spending an attempt, and lowers
+    /// its in-flight ceiling until such answers stop.
+    Saturated { after: Option<Duration> },
 }
 
 impl ErrorClass {
@@ -30,13 +35,15 @@ impl ErrorClass {
         matches!(self, ErrorClass::Transient { .. })
     }
 
-    /// A short word for logs and the attempts table: `transient`, `permanent` or `halt`.
+    /// A short word for logs and the attempts table: `transient`, `permanent`, `halt`,
+    /// `halt_batch` or `saturated`.
     pub fn word(self) -> &'static str {
         match self {
             ErrorClass::Transient { .. } => "transient",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Halt => "halt",
             ErrorClass::HaltBatch => "halt_batch",
+            ErrorClass::Saturated { .. } => "saturated",
         }
     }
 }

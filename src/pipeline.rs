@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rust_decimal::Decimal;
-use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::error::{Classify, ErrorClass};
@@ -229,7 +228,7 @@ impl Pipeline {
                 bytes: i64::try_from(stored.bytes).unwrap_or(i64::MAX),
                 width: i32::try_from(image.width).unwrap_or(i32::MAX),
                 height: i32::try_from(image.height).unwrap_or(i32::MAX),
-                sha256: hex::encode(Sha256::digest(&image.bytes)),
+                sha256: image.sha256_hex(),
             });
         }
         // The originals are safe now; renditions never fail the job.
@@ -270,7 +269,8 @@ impl Pipeline {
             references,
         };
         let call_started = std::time::Instant::now();
-        let generation = self.client.generate(&request).await;
+        // Held until the images are stored (end of this function): see `generate_held`.
+        let generation = self.client.generate_held(&request).await;
         crate::metrics::call_finished(&job.model, call_started.elapsed());
         let generation = generation.map_err(call_failure)?;
         let record = record_of(&generation);
@@ -368,12 +368,7 @@ fn originals_of(job_id: i64, generation: u32, keys: &[String]) -> Vec<&str> {
 
 fn decoded(bytes: bytes::Bytes) -> Option<DecodedImage> {
     let (format, width, height) = crate::image::sniff(&bytes)?;
-    Some(DecodedImage {
-        bytes,
-        format,
-        width,
-        height,
-    })
+    Some(DecodedImage::new(bytes, format, width, height))
 }
 
 fn record_of(g: &Generation) -> AttemptRecord {

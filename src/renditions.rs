@@ -135,11 +135,13 @@ impl Renditions {
                             &spec.key_token(),
                             encoded.format,
                         );
-                        let sha256 = hex::encode(Sha256::digest(&encoded.bytes));
+                        let digest: [u8; 32] = Sha256::digest(&encoded.bytes).into();
+                        let sha256 = hex::encode(digest);
                         let stored = storage
-                            .put_bytes(
+                            .put_hashed(
                                 &key,
                                 Bytes::from(encoded.bytes),
+                                digest,
                                 encoded.format.content_type(),
                                 Some(meta),
                             )

@@ -5,9 +5,15 @@
 //! flight on one timer, rescues jobs whose lease expired anywhere, and writes completions in
 //! batches through one writer task. The handler decides nothing about the queue: it returns a
 //! success or a classified failure, and [`decide`] turns that into the job's next state.
+//!
+//! [`ceiling`] lowers how many jobs run at once while the provider refuses calls as saturated
+//! (too many in flight for the account's balance), and raises it back to `concurrency` after.
+
+pub mod ceiling;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,6 +156,11 @@ pub struct WorkerStatus {
     pub idle: bool,
     /// Why claiming is paused, if it is.
     pub paused: Option<String>,
+    /// How many jobs may be in flight now: `concurrency`, unless the provider refused calls as
+    /// saturated lately (see [`ceiling`]).
+    pub ceiling: usize,
+    /// Attempts refused as saturated and handed back without spending the attempt.
+    pub saturated: u64,
 }
 
 /// The longest the claimer backs off after database errors.
@@ -158,6 +169,8 @@ const MAX_DB_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_COMPLETION_BATCH: usize = 512;
 /// The most expired leases returned by one rescue statement.
 const RESCUE_BATCH: i64 = 1000;
+/// The cool-down after a saturated refusal that came without `Retry-After`.
+pub const SATURATED_DEFAULT_WAIT: Duration = Duration::from_secs(1);
 
 /// Turns a handler's answer into how the attempt ends. Pure: the whole retry decision is here.
 pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy) -> Finish {
@@ -173,6 +186,13 @@ pub fn decide(job: &Job, result: &Result<Success, Failure>, policy: &RetryPolicy
             ErrorClass::Halt | ErrorClass::HaltBatch => Finish::Released {
                 error: f.message.clone(),
                 halted: true,
+            },
+            // Not this job's fault, and the call was refused before any work: the attempt is
+            // given back, and the job waits out the provider's cool-down.
+            ErrorClass::Saturated { after } => Finish::Retry {
+                error: f.message.clone(),
+                delay: policy.delay(1, Some(after.unwrap_or(SATURATED_DEFAULT_WAIT))),
+                refund: true,
             },
             ErrorClass::Transient { after } if f.free_retry => Finish::Retry {
                 error: f.message.clone(),
@@ -235,6 +255,13 @@ struct Shared {
     budget_stopped: Mutex<HashSet<String>>,
     /// Wakes the heartbeat early, so a pause shows in `imagegen status` at once.
     heartbeat_now: tokio::sync::Notify,
+    /// The in-flight ceiling (see [`ceiling`]).
+    ceiling: Mutex<ceiling::Ceiling>,
+    /// Told whenever a job gives its slot back, for a claimer held by the ceiling rather than by
+    /// the slots.
+    slot_freed: tokio::sync::Notify,
+    /// Jobs holding a slot: spawned and not yet handed to the completion writer.
+    running: AtomicUsize,
     status: watch::Sender<WorkerStatus>,
 }
 
@@ -291,7 +318,11 @@ pub struct Worker<H: Handler> {
 
 impl<H: Handler> Worker<H> {
     pub fn new(queue: Queue, handler: H, config: WorkerConfig) -> Self {
-        let (status, status_rx) = watch::channel(WorkerStatus::default());
+        let concurrency = config.concurrency;
+        let (status, status_rx) = watch::channel(WorkerStatus {
+            ceiling: concurrency.max(1),
+            ..WorkerStatus::default()
+        });
         Worker {
             shared: Arc::new(Shared {
                 id: Uuid::new_v4(),
@@ -302,6 +333,9 @@ impl<H: Handler> Worker<H> {
                 paused_batches: Mutex::new(HashMap::new()),
                 budget_stopped: Mutex::new(HashSet::new()),
                 heartbeat_now: tokio::sync::Notify::new(),
+                ceiling: Mutex::new(ceiling::Ceiling::new(concurrency)),
+                slot_freed: tokio::sync::Notify::new(),
+                running: AtomicUsize::new(0),
                 status,
             }),
             handler: Arc::new(handler),
@@ -403,7 +437,10 @@ impl<H: Handler> Worker<H> {
             }
             // Paused (halt or provider cool-down)?
             let pause = lock(&shared.pause).clone();
-            let mut limit = slots.available_permits();
+            let free = slots.available_permits();
+            let ceiling = lock(&shared.ceiling).get();
+            // Below the ceiling as well as within the free slots.
+            let mut limit = free.min(ceiling.saturating_sub(cfg.concurrency - free));
             if let Some(p) = &pause {
                 if p.probe && cfg.exit_when_idle {
                     // Every job would halt the same way: a cron run ends here, jobs handed back.
@@ -429,11 +466,12 @@ impl<H: Handler> Worker<H> {
                 }
             }
             if limit == 0 {
-                // All slots busy: wait for one to free up. A probe waits for its job to end
-                // instead: its slot is free as soon as the result is queued.
+                // All slots busy, or the ceiling reached: wait for one to free up. A probe waits
+                // for its job to end instead: its slot is free as soon as the result is queued.
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'claiming,
                     _ = slots.acquire(), if slots.available_permits() == 0 => {}
+                    _ = shared.slot_freed.notified(), if free > 0 => {}
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 }
                 continue;
@@ -441,7 +479,12 @@ impl<H: Handler> Worker<H> {
             if limit < cfg.concurrency && pause.is_none() {
                 // Let the other jobs finishing right now give their slots back too, so the next
                 // claim takes them all in one statement instead of a few rows each.
-                limit = settle(&slots).await;
+                let free = settle(&slots).await;
+                let ceiling = lock(&shared.ceiling).get();
+                limit = free.min(ceiling.saturating_sub(cfg.concurrency - free));
+                if limit == 0 {
+                    continue;
+                }
             }
             // Only this loop takes permits, so all `limit` are free.
             let Ok(mut permits) = slots
@@ -613,6 +656,7 @@ impl<H: Handler> Worker<H> {
         let handler = self.handler.clone();
         let started = Instant::now();
         let started_at = job.started_at.unwrap_or_else(Utc::now);
+        shared.running.fetch_add(1, Ordering::SeqCst);
         lock(&shared.in_flight).insert(
             job.id,
             InFlight {
@@ -651,17 +695,44 @@ impl<H: Handler> Worker<H> {
                         lock(&shared.paused_batches)
                             .insert(batch, Instant::now() + shared.config.halt_probe_interval);
                     }
+                    Err(f) if matches!(f.class, ErrorClass::Saturated { .. }) => {
+                        let after = match f.class {
+                            ErrorClass::Saturated { after } => after,
+                            _ => None,
+                        };
+                        // Jobs running, this one included: it has not given its slot back.
+                        let in_flight = shared.running.load(Ordering::SeqCst);
+                        let ceiling = {
+                            let mut c = lock(&shared.ceiling);
+                            c.refused(in_flight, Instant::now());
+                            c.get()
+                        };
+                        shared.status.send_modify(|s| {
+                            s.ceiling = ceiling;
+                            s.saturated += 1;
+                        });
+                        warn!(error = %f.message, ceiling,
+                            "provider has too many calls in flight: cooling down, job handed back, ceiling lowered");
+                        shared.pause_for(
+                            after.unwrap_or(SATURATED_DEFAULT_WAIT),
+                            format!("provider saturated: {}", f.message),
+                            false,
+                        );
+                        probe_passed(&shared);
+                    }
                     Err(f) => {
                         if let ErrorClass::Transient { after: Some(d) } = f.class {
                             // The provider asked everyone to slow down, not just this job.
                             shared.pause_for(d, format!("provider asked to wait: {}", f.message), false);
                         }
+                        ceiling_passed(&shared);
                         probe_passed(&shared);
                     }
                     Ok(_) => {
                         if let Some(b) = &job.batch {
                             lock(&shared.budget_stopped).remove(b);
                         }
+                        ceiling_passed(&shared);
                         probe_passed(&shared)
                     }
                 }
@@ -689,6 +760,8 @@ impl<H: Handler> Worker<H> {
                     }
                 }
                 drop(slot);
+                shared.running.fetch_sub(1, Ordering::SeqCst);
+                shared.slot_freed.notify_one();
                 if queued.is_err() {
                     error!("completion writer gone; the lease will expire and the job be rescued");
                     return;
@@ -732,6 +805,24 @@ async fn settle(slots: &Semaphore) -> usize {
         }
         free = now;
     }
+}
+
+/// A job ended without a saturated refusal: the in-flight ceiling climbs back toward
+/// `concurrency`.
+fn ceiling_passed(shared: &Shared) {
+    let ceiling = {
+        let mut c = lock(&shared.ceiling);
+        if !c.lowered() {
+            return;
+        }
+        c.passed(Instant::now());
+        c.get()
+    };
+    shared.status.send_modify(|s| {
+        if s.ceiling != ceiling {
+            s.ceiling = ceiling;
+        }
+    });
 }
 
 /// A job ended without halting: a pending probe passed, so claiming goes back to full speed.

@@ -63,9 +63,7 @@ pub const BENCH_DATABASE_PREFIX: &str = "imagegen_bench";
 /// No-op jobs per drain (queue and growth).
 pub const DEFAULT_JOBS: u64 = 20_000;
 /// Worker concurrencies of the queue and growth drains.
-pub const DEFAULT_QUEUE_CONCURRENCY: [usize; 2] = [10, 50];
-/// Worker concurrencies of the pipeline scenario.
-pub const DEFAULT_PIPELINE_CONCURRENCY: [usize; 3] = [64, 256, 1000];
+pub const DEFAULT_QUEUE_CONCURRENCY: [usize; 3] = [10, 50, 500];
 /// Each drain runs this many times and the median is reported: the machine is shared and
 /// single runs vary by tens of percent.
 pub const DEFAULT_REPEAT: usize = 3;
@@ -106,12 +104,17 @@ pub const GRAPHILE_DEFAULT_JOBS_PER_S: f64 = 2_350.0;
 pub const TARGET_GROWTH_RATIO: f64 = 0.90;
 /// Median insert-to-claim latency of an idle worker must stay under this.
 pub const TARGET_WAKEUP_P50: Duration = Duration::from_millis(5);
-/// Pipeline efficiency target, at [`TARGET_PIPELINE_CONCURRENCY`] in flight.
-pub const TARGET_EFFICIENCY: f64 = 0.95;
-/// Peak resident memory of the worker process at [`TARGET_PIPELINE_CONCURRENCY`] in flight.
-pub const TARGET_PEAK_RSS_MIB: f64 = 512.0;
-/// The concurrency the pipeline targets are stated for.
-pub const TARGET_PIPELINE_CONCURRENCY: usize = 1000;
+/// Pipeline efficiency at 1,000 in flight and 20 s latency, answers in bursts.
+pub const TARGET_EFFICIENCY_LONG: f64 = 0.97;
+/// Pipeline efficiency at 256 in flight and 2 s latency (where CPU per image dominates).
+pub const TARGET_EFFICIENCY_SHORT: f64 = 0.90;
+/// Peak resident memory of the worker process with 1,000 flash calls (or 200 Pro 4K calls) in
+/// flight, thumbnails on.
+pub const TARGET_PEAK_RSS_MIB: f64 = 256.0;
+/// Worker CPU per 1.2 MB image, renditions off.
+pub const TARGET_CPU_MS_FLASH: f64 = 2.5;
+/// Worker CPU per 7.9 MB Pro 4K image, renditions off.
+pub const TARGET_CPU_MS_4K: f64 = 16.0;
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -148,8 +151,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = DEFAULT_JOBS)]
     pub jobs: u64,
     /// Worker concurrency; repeat the flag or separate with commas for several runs. Default:
-    /// 10,50 for queue and growth, 64,256,1000 for pipeline. Given with `all`, it applies to all
-    /// three.
+    /// 10,50,500 for queue and growth; for pipeline, the cases of the targets (see
+    /// [`pipeline_cases`]), while a given concurrency runs one case each with the flags below.
+    /// Given with `all`, it applies to all three.
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
     /// Runs per drain (queue, growth); the median is reported.
@@ -167,9 +171,28 @@ pub struct BenchArgs {
     /// Pipeline jobs per run, as a multiple of the concurrency.
     #[arg(long, default_value_t = DEFAULT_ROUNDS)]
     pub rounds: usize,
-    /// Size of the stand-in's 1K 16:9 image in bytes (pipeline).
+    /// Size of the stand-in's 1K 16:9 image in bytes (pipeline); other sizes scale with their
+    /// pixels (the Pro model at 4K makes about 6.6 times this).
     #[arg(long, default_value_t = DEFAULT_IMAGE_BYTES)]
     pub image_bytes: usize,
+    /// Model of the pipeline jobs, with --concurrency (e.g. google/gemini-3-pro-image-preview).
+    #[arg(long, default_value = models::FLASH_IMAGE)]
+    pub model: String,
+    /// Image size of the pipeline jobs, with --concurrency (1K, 2K, 4K; the Pro model only).
+    #[arg(long)]
+    pub image_size: Option<String>,
+    /// The stand-in answers each latency-long round's calls together (pipeline, with
+    /// --concurrency), as real traffic after a restart arrives.
+    #[arg(long)]
+    pub burst: bool,
+    /// No automatic thumbnail (pipeline, with --concurrency).
+    #[arg(long)]
+    pub no_thumbnail: bool,
+    /// The stand-in refuses calls beyond this many in flight with 402
+    /// `in_flight_budget_exhausted` (pipeline, with --concurrency); the bench prints where the
+    /// worker's ceiling settled.
+    #[arg(long)]
+    pub in_flight_limit: Option<usize>,
     /// Where the pipeline stores images (a directory or s3://...). Default: a fresh directory
     /// under /dev/shm (tmpfs, so the disk's flushes are not what is measured), or the temporary
     /// directory where there is no /dev/shm. A directory made by the bench is removed after.
@@ -220,6 +243,11 @@ impl Default for BenchArgs {
             latency: DEFAULT_LATENCY,
             rounds: DEFAULT_ROUNDS,
             image_bytes: DEFAULT_IMAGE_BYTES,
+            model: models::FLASH_IMAGE.to_owned(),
+            image_size: None,
+            burst: false,
+            no_thumbnail: false,
+            in_flight_limit: None,
             storage: None,
             max_concurrent_bodies: None,
             in_process_stand_in: false,
@@ -903,12 +931,14 @@ enum StandIn {
 }
 
 impl StandIn {
-    async fn start(args: &BenchArgs) -> anyhow::Result<(StandIn, String)> {
+    async fn start(args: &BenchArgs, case: &Case) -> anyhow::Result<(StandIn, String)> {
         if args.in_process_stand_in {
             let server = FakeServer::start(FakeConfig {
-                latency: args.latency,
+                latency: case.latency,
                 image_bytes: args.image_bytes,
                 api_key: Some(STAND_IN_KEY.to_owned()),
+                burst: case.burst,
+                in_flight_limit: case.in_flight_limit,
                 ..FakeConfig::default()
             })
             .await
@@ -917,14 +947,22 @@ impl StandIn {
             return Ok((StandIn::InProcess(server), url));
         }
         let bin = imagegen_bin(args)?;
-        let mut child = tokio::process::Command::new(&bin)
+        let mut command = tokio::process::Command::new(&bin);
+        command
             .arg("fake-openrouter")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--latency")
-            .arg(humantime::format_duration(args.latency).to_string())
+            .arg(humantime::format_duration(case.latency).to_string())
             .arg("--image-bytes")
-            .arg(args.image_bytes.to_string())
+            .arg(args.image_bytes.to_string());
+        if case.burst {
+            command.arg("--burst");
+        }
+        if let Some(n) = case.in_flight_limit {
+            command.arg("--in-flight-limit").arg(n.to_string());
+        }
+        let mut child = command
             .env("FAKE_OPENROUTER_API_KEY", STAND_IN_KEY)
             .env("RUST_LOG", "error")
             .stdin(std::process::Stdio::null())
@@ -978,10 +1016,117 @@ fn imagegen_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// One pipeline run's settings and the targets its figures are held to.
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    latency: Duration,
+    concurrency: usize,
+    model: String,
+    image_size: Option<String>,
+    thumbnail: bool,
+    burst: bool,
+    in_flight_limit: Option<usize>,
+    efficiency_target: Option<f64>,
+    rss_target: Option<f64>,
+    cpu_ms_target: Option<f64>,
+}
+
+/// The cases of the issue's targets, or, with `--concurrency`, one case per concurrency with
+/// the flags given.
+fn pipeline_cases(args: &BenchArgs) -> Vec<Case> {
+    let pro_4k = |c: &mut Case| {
+        c.model = models::PRO_IMAGE.to_owned();
+        c.image_size = Some("4K".to_owned());
+    };
+    let base = Case {
+        name: String::new(),
+        latency: args.latency,
+        concurrency: 1,
+        model: args.model.clone(),
+        image_size: args.image_size.clone(),
+        thumbnail: !args.no_thumbnail,
+        burst: args.burst,
+        in_flight_limit: args.in_flight_limit,
+        efficiency_target: None,
+        rss_target: None,
+        cpu_ms_target: None,
+    };
+    if !args.concurrency.is_empty() {
+        return args
+            .concurrency
+            .iter()
+            .map(|&c| Case {
+                name: format!("{c} in flight"),
+                concurrency: c,
+                ..base.clone()
+            })
+            .collect();
+    }
+    let short = Duration::from_secs(2);
+    let long = Duration::from_secs(20);
+    let mut cases = vec![
+        Case {
+            name: "1.2 MB, 2 s, 256 in flight, renditions off".into(),
+            latency: short,
+            concurrency: 256,
+            thumbnail: false,
+            efficiency_target: Some(TARGET_EFFICIENCY_SHORT),
+            cpu_ms_target: Some(TARGET_CPU_MS_FLASH),
+            ..base.clone()
+        },
+        Case {
+            name: "1.2 MB, 2 s, 256 in flight, thumbnail on".into(),
+            latency: short,
+            concurrency: 256,
+            thumbnail: true,
+            ..base.clone()
+        },
+        Case {
+            name: "1.2 MB, 20 s, 1,000 in flight, burst, thumbnail on".into(),
+            latency: long,
+            concurrency: 1000,
+            thumbnail: true,
+            burst: true,
+            efficiency_target: Some(TARGET_EFFICIENCY_LONG),
+            rss_target: Some(TARGET_PEAK_RSS_MIB),
+            ..base.clone()
+        },
+        Case {
+            name: "Pro 4K, 20 s, 200 in flight, burst, thumbnail on".into(),
+            latency: long,
+            concurrency: 200,
+            thumbnail: true,
+            burst: true,
+            rss_target: Some(TARGET_PEAK_RSS_MIB),
+            ..base.clone()
+        },
+        Case {
+            name: "Pro 4K, 2 s, 64 in flight, renditions off".into(),
+            latency: short,
+            concurrency: 64,
+            thumbnail: false,
+            cpu_ms_target: Some(TARGET_CPU_MS_4K),
+            ..base.clone()
+        },
+        Case {
+            name: "1.2 MB, 2 s, 256 in flight, provider accepts 200".into(),
+            latency: short,
+            concurrency: 256,
+            thumbnail: false,
+            in_flight_limit: Some(200),
+            ..base.clone()
+        },
+    ];
+    pro_4k(&mut cases[3]);
+    pro_4k(&mut cases[4]);
+    cases
+}
+
 /// One pipeline run.
 #[derive(Debug, Clone)]
 struct PipelineRun {
-    concurrency: usize,
+    case: Case,
     jobs: u64,
     seconds: f64,
     jobs_per_s: f64,
@@ -990,10 +1135,12 @@ struct PipelineRun {
     cpu_s_per_job: f64,
     stand_in_cpu_s_per_job: Option<f64>,
     failed: i64,
+    /// The worker's in-flight ceiling at the end, and the calls refused as saturated.
+    ceiling: usize,
+    saturated: u64,
 }
 
 async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> {
-    let (stand_in, base_url) = StandIn::start(args).await?;
     let (storage_location, made_dir) = match &args.storage {
         Some(s) => (s.clone(), None),
         None => {
@@ -1006,59 +1153,89 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
             (dir.display().to_string(), Some(dir))
         }
     };
-    let result = pipeline_runs(bench, args, &base_url, &stand_in, &storage_location).await;
-    stand_in.stop().await;
+    let result = pipeline_runs(bench, args, &storage_location).await;
     if let Some(dir) = made_dir {
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
     let runs = result?;
 
-    let latency_s = args.latency.as_secs_f64();
     let mut rows = Vec::new();
     for r in &runs {
-        let at_target = r.concurrency == TARGET_PIPELINE_CONCURRENCY;
+        let c = &r.case;
+        let ideal = c.concurrency as f64 / c.latency.as_secs_f64();
+        let (target, verdict) = match c.efficiency_target {
+            Some(t) => (format!(">= {t}"), verdict_at_least(r.efficiency, t)),
+            None => (String::new(), String::new()),
+        };
         rows.push(Row {
-            measure: format!("efficiency, concurrency {}", r.concurrency),
+            measure: format!("efficiency, {}", c.name),
             figure: format!(
                 "{:.3} ({:.1} of {:.1} jobs/s)",
-                r.efficiency,
-                r.jobs_per_s,
-                r.concurrency as f64 / latency_s
+                r.efficiency, r.jobs_per_s, ideal
             ),
-            target: if at_target {
-                format!(">= {TARGET_EFFICIENCY}")
-            } else {
-                String::new()
-            },
-            verdict: if at_target {
-                verdict_at_least(r.efficiency, TARGET_EFFICIENCY)
-            } else {
-                String::new()
-            },
+            target,
+            verdict,
         });
+        let (target, verdict) = match (c.rss_target, r.peak_rss_mib) {
+            (Some(t), Some(m)) => (format!("<= {t:.0} MiB"), verdict_at_most(m, t)),
+            _ => (String::new(), String::new()),
+        };
         rows.push(Row {
-            measure: format!("peak RSS, concurrency {}", r.concurrency),
+            measure: format!("peak RSS of the worker, {}", c.name),
             figure: r
                 .peak_rss_mib
                 .map_or_else(|| "n/a".to_owned(), |m| format!("{m:.0} MiB")),
-            target: if at_target {
-                format!("< {TARGET_PEAK_RSS_MIB:.0} MiB")
-            } else {
-                String::new()
-            },
-            verdict: match (at_target, r.peak_rss_mib) {
-                (true, Some(m)) => verdict_at_most(m, TARGET_PEAK_RSS_MIB),
-                _ => String::new(),
-            },
+            target,
+            verdict,
         });
-        rows.push(Row::info(
-            format!("CPU per job, concurrency {}", r.concurrency),
-            format!("{:.2} ms", r.cpu_s_per_job * 1e3),
-        ));
+        let cpu_ms = r.cpu_s_per_job * 1e3;
+        let (target, verdict) = match c.cpu_ms_target {
+            Some(t) => (format!("<= {t} ms"), verdict_at_most(cpu_ms, t)),
+            None => (String::new(), String::new()),
+        };
+        rows.push(Row {
+            measure: format!("worker CPU per image, {}", c.name),
+            figure: format!("{cpu_ms:.2} ms"),
+            target,
+            verdict,
+        });
+        if c.in_flight_limit.is_some() || r.saturated > 0 {
+            rows.push(Row::info(
+                format!("in-flight ceiling at the end, {}", c.name),
+                format!(
+                    "{} ({} calls refused as saturated, handed back)",
+                    r.ceiling, r.saturated
+                ),
+            ));
+        }
         if r.failed > 0 {
             rows.push(Row::info(
-                format!("jobs not succeeded, concurrency {}", r.concurrency),
+                format!("jobs not succeeded, {}", c.name),
                 r.failed.to_string(),
+            ));
+        }
+    }
+    // The thumbnail's cost: the same case with and without it.
+    let same = |a: &Case, b: &Case| {
+        a.latency == b.latency
+            && a.concurrency == b.concurrency
+            && a.model == b.model
+            && a.image_size == b.image_size
+            && a.in_flight_limit == b.in_flight_limit
+    };
+    for off in runs.iter().filter(|r| !r.case.thumbnail) {
+        if let Some(on) = runs
+            .iter()
+            .find(|r| r.case.thumbnail && same(&r.case, &off.case))
+        {
+            rows.push(Row::info(
+                format!("thumbnail's CPU per image, {}", on.case.name),
+                format!(
+                    "{:.2} ms ({:.2} with, {:.2} without)",
+                    (on.cpu_s_per_job - off.cpu_s_per_job) * 1e3,
+                    on.cpu_s_per_job * 1e3,
+                    off.cpu_s_per_job * 1e3
+                ),
             ));
         }
     }
@@ -1070,34 +1247,41 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
     Ok(Report {
         scenario: "pipeline",
         title: format!(
-            "real client, pipeline and worker; {} latency, {} KB images, {} jobs per slot; {where_}; \
-             images to {storage_location}",
-            humantime::format_duration(args.latency),
+            "real client, pipeline and worker; {} KB images at 1K, {} jobs per slot; {where_}; \
+             images to {storage_location}; CPU is getrusage of the worker's process",
             args.image_bytes / 1000,
             args.rounds
         ),
         rows,
         json: json!({
             "scenario": "pipeline",
-            "latency_s": latency_s,
             "image_bytes": args.image_bytes,
             "rounds": args.rounds,
             "stand_in": if args.in_process_stand_in { "in-process" } else { "child" },
             "max_concurrent_bodies": args.max_concurrent_bodies
                 .unwrap_or(crate::openrouter::client::DEFAULT_MAX_CONCURRENT_BODIES),
             "storage": storage_location,
-            "target_efficiency": TARGET_EFFICIENCY,
-            "target_peak_rss_mib": TARGET_PEAK_RSS_MIB,
-            "target_concurrency": TARGET_PIPELINE_CONCURRENCY,
             "runs": runs.iter().map(|r| json!({
-                "concurrency": r.concurrency,
+                "case": r.case.name,
+                "concurrency": r.case.concurrency,
+                "latency_s": r.case.latency.as_secs_f64(),
+                "model": r.case.model,
+                "image_size": r.case.image_size,
+                "thumbnail": r.case.thumbnail,
+                "burst": r.case.burst,
+                "in_flight_limit": r.case.in_flight_limit,
                 "jobs": r.jobs,
                 "seconds": round(r.seconds, 3),
                 "jobs_per_s": round(r.jobs_per_s, 1),
                 "efficiency": round(r.efficiency, 4),
+                "target_efficiency": r.case.efficiency_target,
                 "peak_rss_mib": r.peak_rss_mib.map(|m| round(m, 1)),
-                "cpu_s_per_job": round(r.cpu_s_per_job, 5),
-                "stand_in_cpu_s_per_job": r.stand_in_cpu_s_per_job.map(|c| round(c, 5)),
+                "target_peak_rss_mib": r.case.rss_target,
+                "cpu_s_per_job": round(r.cpu_s_per_job, 6),
+                "target_cpu_ms_per_job": r.case.cpu_ms_target,
+                "stand_in_cpu_s_per_job": r.stand_in_cpu_s_per_job.map(|c| round(c, 6)),
+                "ceiling": r.ceiling,
+                "saturated": r.saturated,
                 "not_succeeded": r.failed,
             })).collect::<Vec<_>>(),
         }),
@@ -1107,8 +1291,6 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
 async fn pipeline_runs(
     bench: &BenchDb,
     args: &BenchArgs,
-    base_url: &str,
-    stand_in: &StandIn,
     storage_location: &str,
 ) -> anyhow::Result<Vec<PipelineRun>> {
     let storage = Storage::open(&StorageConfig::new(storage_location)).await?;
@@ -1116,6 +1298,24 @@ async fn pipeline_runs(
         .check()
         .await
         .with_context(|| format!("storage check failed for {}", storage.describe()))?;
+    let mut runs = Vec::new();
+    for case in pipeline_cases(args) {
+        let (stand_in, base_url) = StandIn::start(args, &case).await?;
+        let run = pipeline_case(bench, args, &storage, &stand_in, &base_url, &case).await;
+        stand_in.stop().await;
+        runs.push(run?);
+    }
+    Ok(runs)
+}
+
+async fn pipeline_case(
+    bench: &BenchDb,
+    args: &BenchArgs,
+    storage: &Storage,
+    stand_in: &StandIn,
+    base_url: &str,
+    case: &Case,
+) -> anyhow::Result<PipelineRun> {
     // The real client with its defaults: the body permits bound memory, not concurrency.
     let mut config = ClientConfig::new(base_url, STAND_IN_KEY);
     if let Some(n) = args.max_concurrent_bodies {
@@ -1124,44 +1324,39 @@ async fn pipeline_runs(
     let client = Client::new(config)?;
 
     // One call first, so the stand-in has made its image before anything is timed.
-    progress(args, "pipeline: warming the stand-in up (one call)");
+    progress(
+        args,
+        format!("pipeline: warming the stand-in up ({})", case.name),
+    );
     client
         .generate(&ImageRequest {
-            model: models::FLASH_IMAGE.to_owned(),
+            model: case.model.clone(),
             prompt: "bench warm-up".to_owned(),
             aspect_ratio: "16:9".to_owned(),
-            image_size: None,
+            image_size: case.image_size.clone(),
             references: Vec::new(),
         })
         .await
         .context("warm-up call to the stand-in")?;
 
-    let mut runs = Vec::new();
-    for c in concurrencies(args, &DEFAULT_PIPELINE_CONCURRENCY) {
-        let n = u64::try_from(c.saturating_mul(args.rounds)).unwrap_or(u64::MAX);
-        progress(
-            args,
-            format!("pipeline: {n} jobs at concurrency {c}, {} latency", {
-                humantime::format_duration(args.latency)
-            }),
-        );
-        let pool = bench.fresh(worker_pool_size(c)).await?;
-        let run = pipeline_run(&pool, &client, &storage, stand_in, args, c, n).await;
-        // Delete exactly the images and renditions this run stored (storage may be shared;
-        // tmpfs is memory).
-        let keys: Vec<String> = sqlx::query_scalar(
-            "SELECT key FROM imagegen.images UNION ALL SELECT key FROM imagegen.renditions",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap_or_default();
-        pool.close().await;
-        for k in keys {
-            let _ = storage.delete(&k).await;
-        }
-        runs.push(run?);
+    let c = case.concurrency;
+    let n = u64::try_from(c.saturating_mul(args.rounds)).unwrap_or(u64::MAX);
+    progress(args, format!("pipeline: {n} jobs, {}", case.name));
+    let pool = bench.fresh(worker_pool_size(c)).await?;
+    let run = pipeline_run(&pool, &client, storage, stand_in, case, n).await;
+    // Delete exactly the images and renditions this run stored (storage may be shared; tmpfs
+    // is memory).
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT key FROM imagegen.images UNION ALL SELECT key FROM imagegen.renditions",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    pool.close().await;
+    for k in keys {
+        let _ = storage.delete(&k).await;
     }
-    Ok(runs)
+    run
 }
 
 async fn pipeline_run(
@@ -1169,32 +1364,30 @@ async fn pipeline_run(
     client: &Client,
     storage: &Storage,
     stand_in: &StandIn,
-    args: &BenchArgs,
-    concurrency: usize,
+    case: &Case,
     n: u64,
 ) -> anyhow::Result<PipelineRun> {
     sqlx::query(
-        "INSERT INTO imagegen.jobs (prompt, batch) \
-         SELECT 'A calm mountain lake at dawn, soft mist, wide blog header, take ' || g, $2 \
+        "INSERT INTO imagegen.jobs (prompt, batch, model, image_size) \
+         SELECT 'A calm mountain lake at dawn, soft mist, wide blog header, take ' || g, $2, $3, $4 \
          FROM generate_series(1, $1::bigint) AS g",
     )
     .bind(i64::try_from(n).unwrap_or(i64::MAX))
     .bind(PIPELINE_BATCH)
+    .bind(&case.model)
+    .bind(&case.image_size)
     .execute(pool)
     .await
     .context("inserting the jobs")?;
     let queue = Queue::new(pool.clone());
-    let pipeline = Pipeline::new(
-        client.clone(),
-        storage.clone(),
-        queue.clone(),
-        PipelineConfig::default(),
-    );
+    let mut config = PipelineConfig::default();
+    config.renditions.no_auto_thumb = !case.thumbnail;
+    let pipeline = Pipeline::new(client.clone(), storage.clone(), queue.clone(), config);
     let worker = Worker::new(
         queue.clone(),
         pipeline,
         WorkerConfig {
-            concurrency,
+            concurrency: case.concurrency,
             exit_when_idle: true,
             ..WorkerConfig::default()
         },
@@ -1208,6 +1401,10 @@ async fn pipeline_run(
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_s, stand_in_cpu_s, _) = cpu.elapsed();
     let peak = peak_rss_mib();
+    let (ceiling, saturated) = {
+        let s = status.borrow();
+        (s.ceiling, s.saturated)
+    };
     run.await.context("worker task")??;
     ensure!(finished, "the worker stopped before finishing the jobs");
     let counts = queue.counts(false, None).await?;
@@ -1217,16 +1414,18 @@ async fn pipeline_run(
         .map_or(0, |c| c.jobs);
     let jobs_per_s = n as f64 / seconds;
     Ok(PipelineRun {
-        concurrency,
+        case: case.clone(),
         jobs: n,
         seconds,
         jobs_per_s,
-        efficiency: jobs_per_s / (concurrency as f64 / args.latency.as_secs_f64()),
+        efficiency: jobs_per_s / (case.concurrency as f64 / case.latency.as_secs_f64()),
         // Without a reset the peak would be the whole process's so far: not this run's.
         peak_rss_mib: if rss_reset { peak } else { None },
         cpu_s_per_job: cpu_s / n as f64,
         stand_in_cpu_s_per_job: stand_in_cpu_s.map(|s| s / n as f64),
         failed: i64::try_from(n).unwrap_or(i64::MAX) - succeeded,
+        ceiling,
+        saturated,
     })
 }
 
@@ -1347,7 +1546,7 @@ struct CpuClock {
 impl CpuClock {
     fn start(child: Option<u32>) -> CpuClock {
         CpuClock {
-            own: process_cpu_s("self").unwrap_or(0.0),
+            own: own_cpu_s(),
             child: child.map(|pid| (pid, process_cpu_s(&pid.to_string()).unwrap_or(0.0))),
             postgres: postgres_cpu(),
         }
@@ -1355,7 +1554,7 @@ impl CpuClock {
 
     /// (this process, the child, Postgres) in CPU seconds since [`CpuClock::start`].
     fn elapsed(&self) -> (f64, Option<f64>, f64) {
-        let own = process_cpu_s("self").unwrap_or(0.0) - self.own;
+        let own = own_cpu_s() - self.own;
         let child = self
             .child
             .and_then(|(pid, t0)| process_cpu_s(&pid.to_string()).map(|t| t - t0));
@@ -1366,6 +1565,21 @@ impl CpuClock {
             .sum();
         (own, child, postgres)
     }
+}
+
+/// User plus system CPU seconds of this process, all threads, from `getrusage` (microseconds,
+/// where `/proc` counts 10 ms ticks).
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given; all-zero bytes are a valid rusage.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// User plus system CPU seconds of `/proc/<pid>`, all threads, plus reaped children (so a

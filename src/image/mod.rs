@@ -14,6 +14,7 @@ use base64::Engine as _;
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
+use sha2::Digest as _;
 
 use crate::error::{Classify, ErrorClass};
 
@@ -59,6 +60,68 @@ pub struct DecodedImage {
     pub width: u32,
     /// Pixel height read from the image header.
     pub height: u32,
+    /// SHA-256 of `bytes`, computed once (while decoding, for a provider's image) and used for
+    /// both the record and the upload's checksum.
+    pub sha256: [u8; 32],
+}
+
+impl DecodedImage {
+    /// An image from bytes already known to be one (sniffed), hashing them.
+    pub fn new(bytes: Bytes, format: ImageFormat, width: u32, height: u32) -> DecodedImage {
+        let sha256 = sha2::Sha256::digest(&bytes).into();
+        DecodedImage {
+            bytes,
+            format,
+            width,
+            height,
+            sha256,
+        }
+    }
+
+    /// Takes decoded bytes whose SHA-256 is known: the real format and dimensions come from
+    /// the bytes. `label` is the data URL's type, for the message when they are not an image.
+    pub fn from_decoded(
+        bytes: Vec<u8>,
+        sha256: [u8; 32],
+        label: &str,
+    ) -> Result<DecodedImage, ImageError> {
+        if bytes.is_empty() {
+            return Err(ImageError::Empty);
+        }
+        let format = sniff_format(&bytes).ok_or_else(|| ImageError::NotAnImage {
+            head: hex::encode(&bytes[..bytes.len().min(HEAD_SHOWN)]),
+            label: if label.is_empty() {
+                "without a type".to_owned()
+            } else {
+                label.chars().take(40).collect()
+            },
+        })?;
+        let (width, height) = dimensions(&bytes).ok_or(ImageError::NoDimensions { format })?;
+        Ok(DecodedImage {
+            bytes: Bytes::from(bytes),
+            format,
+            width,
+            height,
+            sha256,
+        })
+    }
+
+    /// The SHA-256 as lowercase hex, as recorded on image rows.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// The type label of a `data:<type>;base64,` URL head (`image/png`), JSON slash escapes undone.
+pub fn data_url_label(url: &str) -> String {
+    let meta = url
+        .get(5..)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_default();
+    meta.split(';')
+        .next()
+        .unwrap_or_default()
+        .replace("\\/", "/")
 }
 
 /// Why a provider's image could not be taken.
@@ -73,6 +136,9 @@ pub enum ImageError {
     /// The payload is not valid base64.
     #[error("data URL payload is not valid base64: {0}")]
     Base64(#[from] base64::DecodeError),
+    /// The payload, decoded as it arrived, is not valid base64.
+    #[error("data URL payload is not valid base64: {0}")]
+    InvalidBase64(String),
     /// The payload decodes to nothing.
     #[error("data URL payload is empty")]
     Empty,
@@ -94,6 +160,7 @@ impl Classify for ImageError {
         match self {
             ImageError::NotDataUrl | ImageError::NotBase64Encoded => ErrorClass::Permanent,
             ImageError::Base64(_)
+            | ImageError::InvalidBase64(_)
             | ImageError::Empty
             | ImageError::NotAnImage { .. }
             | ImageError::NoDimensions { .. } => ErrorClass::RETRY,
@@ -135,24 +202,8 @@ pub fn decode_data_url(url: &str) -> Result<DecodedImage, ImageError> {
         }
         Err(err) => return Err(err.into()),
     };
-    if bytes.is_empty() {
-        return Err(ImageError::Empty);
-    }
-    let format = sniff_format(&bytes).ok_or_else(|| ImageError::NotAnImage {
-        head: hex::encode(&bytes[..bytes.len().min(HEAD_SHOWN)]),
-        label: if label.is_empty() {
-            "without a type".to_owned()
-        } else {
-            label.chars().take(40).collect()
-        },
-    })?;
-    let (width, height) = dimensions(&bytes).ok_or(ImageError::NoDimensions { format })?;
-    Ok(DecodedImage {
-        bytes: Bytes::from(bytes),
-        format,
-        width,
-        height,
-    })
+    let sha256 = sha2::Sha256::digest(&bytes).into();
+    DecodedImage::from_decoded(bytes, sha256, label)
 }
 
 /// The real format and pixel dimensions of image bytes, or `None` if they are not a PNG, JPEG,

@@ -7,15 +7,16 @@ use std::time::{Duration, Instant, SystemTime};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Classify, ErrorClass};
 use crate::image::{self, DecodedImage};
 
 use super::error::{
-    CallError, CallErrorKind, class_for_code, code_meaning, provider_text, retry_hint, short_text,
+    CallError, CallErrorKind, class_for_error, code_meaning, provider_text, retry_hint, short_text,
 };
 use super::models;
+use super::stream;
 use super::wire::{
     self, ChatRequest, ChatResponse, Choice, Content, ImageConfig, Part, PartUrl, RequestMessage,
     WireError, WireUsage,
@@ -37,9 +38,11 @@ pub const DEFAULT_SLOW_MODELS: &[&str] = &[models::PRO_IMAGE];
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// The most reference images one request carries (`jobs_reference_images_valid` agrees).
 pub const MAX_REFERENCES: usize = 4;
-/// How many answers may be buffered and decoded at once across all calls of one client. With
-/// the body cap this bounds the memory large answers can take (see [`Config::max_concurrent_bodies`]).
-pub const DEFAULT_MAX_CONCURRENT_BODIES: usize = 16;
+/// How many answers may be read, decoded and stored at once across all calls of one client
+/// (see [`Config::max_concurrent_bodies`]). Decoding is a few milliseconds of CPU per image, so
+/// on a few cores more would only add memory: at 4K each holds an 8 MB image, and the thumbnail
+/// of one decodes to 67 MB of pixels.
+pub const DEFAULT_MAX_CONCURRENT_BODIES: usize = 4;
 
 /// Client settings, parsed once from flags or the environment.
 ///
@@ -96,10 +99,11 @@ pub struct Config {
           default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: u64,
 
-    /// How many answers may be buffered and decoded at once. Calls still waiting for the model
-    /// (receiving only padding) do not count; a call whose answer starts while the limit is
-    /// reached waits, under its deadline. Peak memory for answers is at most about this many
-    /// times (2 x body + decoded image): the buffer may be copied once as it grows.
+    /// How many answers may be read, decoded and stored at once. Calls still waiting for the
+    /// model (receiving only padding) do not count; a call whose answer starts while the limit
+    /// is reached waits, under its deadline, holding one read chunk. The answer is decoded as it
+    /// arrives (never held whole), so peak memory for answers is about this many decoded images
+    /// (with the automatic thumbnail's work, bounded by the image pool).
     #[arg(long = "openrouter-max-concurrent-bodies", env = "OPENROUTER_MAX_CONCURRENT_BODIES",
           default_value_t = DEFAULT_MAX_CONCURRENT_BODIES)]
     pub max_concurrent_bodies: usize,
@@ -312,6 +316,10 @@ pub struct Generation {
     /// The generation id from the body, else from the `X-Generation-Id` header.
     pub generation_id: Option<String>,
     pub http_status: u16,
+    /// One of the client's body permits ([`Config::max_concurrent_bodies`]), held while the
+    /// image is in memory: drop the generation (or this) once the image is stored, so that a
+    /// burst of answers waits for memory instead of piling up decoded images.
+    pub body_permit: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// The OpenRouter client. Cheap to clone; all clones share one connection pool and one limit on
@@ -327,8 +335,8 @@ struct Inner {
     /// Kept only to scrub it from error messages; the request carries it as a sensitive header.
     key: SecretString,
     config: Config,
-    /// Permits to buffer an answer body (see [`Config::max_concurrent_bodies`]).
-    bodies: Semaphore,
+    /// Permits to read, decode and store an answer (see [`Config::max_concurrent_bodies`]).
+    bodies: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Client {
@@ -397,6 +405,12 @@ impl Client {
             // window, and answers waiting for a body permit would hold it and stall the answers
             // being read; over HTTP/1.1 a waiting answer only stalls its own socket.
             .http1_only()
+            // A fresh connection per call: hyper's read buffer grows with each big answer a
+            // connection has carried (to about 400 KB) and reqwest offers no cap, so a reused
+            // connection whose answer waits for a body permit would hold that much read ahead.
+            // A new connection starts at 8 KB. Its cost (a TCP, and for the real API a TLS,
+            // handshake) is small against calls of 10 s to minutes.
+            .pool_max_idle_per_host(0)
             // A redirect would turn the POST into a GET; an answer of 3xx is reported instead.
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -406,7 +420,7 @@ impl Client {
                 http,
                 endpoint: format!("{base}/chat/completions"),
                 key,
-                bodies: Semaphore::new(config.max_concurrent_bodies),
+                bodies: Arc::new(Semaphore::new(config.max_concurrent_bodies)),
                 config,
             }),
         })
@@ -418,8 +432,22 @@ impl Client {
     }
 
     /// Generates one image: one call, no retries (the caller owns the retry policy, using the
-    /// error's class).
+    /// error's class). The body permit is given back before returning; see
+    /// [`Client::generate_held`] for keeping it until the image is stored.
     pub async fn generate(&self, req: &ImageRequest) -> Result<Generation, CallError> {
+        let mut result = self.generate_held(req).await;
+        if let Ok(g) = &mut result {
+            g.body_permit = None;
+        }
+        result
+    }
+
+    /// [`Client::generate`], with the answer's body permit kept in
+    /// [`Generation::body_permit`]: the caller drops the generation once the image is stored, so
+    /// decoded images waiting for storage count against [`Config::max_concurrent_bodies`]. A
+    /// caller that holds many generations at once must use [`Client::generate`] instead, or it
+    /// waits for permits it holds itself.
+    pub async fn generate_held(&self, req: &ImageRequest) -> Result<Generation, CallError> {
         let started = Instant::now();
         let result = self
             .call(req)
@@ -541,8 +569,9 @@ impl Client {
             .map(str::to_owned);
         let hint = retry_hint(response.headers(), SystemTime::now());
         let read = read_body(&mut response, inner.config.max_body_bytes, &inner.bodies);
-        // The permit is held through parsing and decoding: that is where the memory is.
-        let (body, _permit) = match tokio::time::timeout_at(deadline, read).await {
+        // The permit is held through parsing and decoding, and handed to the caller with the
+        // image: until it is stored, that is where the memory is.
+        let (body, permit) = match tokio::time::timeout_at(deadline, read).await {
             Err(_) => return Err(deadline_error(Some(status), header_id)),
             Ok(Err(e)) => {
                 let err = match e {
@@ -568,7 +597,9 @@ impl Client {
             Ok(Ok(read)) => read,
         };
         drop(response);
-        interpret(status, hint, header_id, &body, inner.key.expose_secret())
+        let mut generation = interpret(status, hint, header_id, body, inner.key.expose_secret())?;
+        generation.body_permit = permit.map(Arc::new);
+        Ok(generation)
     }
 }
 
@@ -657,18 +688,22 @@ impl PaddingSkipper {
     }
 }
 
-/// Reads the body up to `cap` bytes (padding included), dropping the padding. A permit from
-/// `gate` is taken when the answer proper starts and returned with the bytes.
-async fn read_body<'g>(
+/// Reads the body up to `cap` bytes (padding included), dropping the padding and feeding the
+/// rest through the incremental decoder (see [`stream`]). A permit from `gate` is taken when the
+/// answer proper starts and handed back with the answer: the caller keeps it until the image is
+/// stored. While a call waits for its permit it holds one chunk: the connection is fresh (see
+/// [`Client::new`]), so its read buffer never grew, and nothing more is read until the wait
+/// ends.
+async fn read_body(
     response: &mut reqwest::Response,
     cap: u64,
-    gate: &'g Semaphore,
-) -> Result<(Vec<u8>, Option<SemaphorePermit<'g>>), BodyError> {
+    gate: &Arc<Semaphore>,
+) -> Result<(stream::Answer, Option<OwnedSemaphorePermit>), BodyError> {
     if response.content_length().is_some_and(|len| len > cap) {
         return Err(BodyError::TooLarge { cap });
     }
     let mut skipper = PaddingSkipper::default();
-    let mut body = Vec::new();
+    let mut reader = stream::AnswerReader::default();
     let mut permit = None;
     let mut received: u64 = 0;
     while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
@@ -683,13 +718,11 @@ async fn read_body<'g>(
         if permit.is_none() {
             // The semaphore is never closed, so acquiring only fails if that changes; reading on
             // without a permit is then the safe fallback.
-            permit = gate.acquire().await.ok();
-            let hint = response.content_length().unwrap_or(0).min(cap);
-            body.reserve(usize::try_from(hint).unwrap_or(0));
+            permit = gate.clone().acquire_owned().await.ok();
         }
-        body.extend_from_slice(part);
+        reader.feed(part);
     }
-    Ok((body, permit))
+    Ok((reader.finish(), permit))
 }
 
 /// Turns a read answer (padding removed) into a generation or a classified error. Pure: the
@@ -702,9 +735,16 @@ pub(crate) fn interpret(
     status: u16,
     hint: Option<Duration>,
     header_id: Option<String>,
-    body: &[u8],
+    read: stream::Answer,
     secret: &str,
 ) -> Result<Generation, CallError> {
+    let stream::Answer {
+        skeleton,
+        payloads,
+        mut last,
+        len,
+    } = read;
+    let body = &skeleton[..];
     if !(200..300).contains(&status) {
         return Err(http_error(status, hint, header_id, body, secret));
     }
@@ -721,7 +761,7 @@ pub(crate) fn interpret(
         CallError::new(
             CallErrorKind::MalformedBody,
             ErrorClass::RETRY,
-            format!("openrouter: malformed answer ({} bytes): {e}", body.len()),
+            format!("openrouter: malformed answer ({len} bytes): {e}"),
         )
         .with_status(Some(status))
         .with_generation_id(header_id.clone())
@@ -740,7 +780,9 @@ pub(crate) fn interpret(
         let code = err.code();
         return Err(fail(
             CallErrorKind::ErrorInBody,
-            code.map_or(ErrorClass::RETRY, |c| class_for_code(c, hint)),
+            code.map_or(ErrorClass::RETRY, |c| {
+                class_for_error(c, err.reason(), hint)
+            }),
             code,
             format!(
                 "openrouter: error in a 200 answer ({}): {}",
@@ -759,13 +801,14 @@ pub(crate) fn interpret(
     };
     if choice.finish_reason.as_deref() == Some("error") || choice.error.is_some() {
         let code = choice.error.as_ref().and_then(WireError::code);
+        let reason = choice.error.as_ref().and_then(WireError::reason);
         let detail = choice
             .error
             .as_ref()
             .map_or_else(|| "no error details".to_owned(), |e| describe(e, secret));
         return Err(fail(
             CallErrorKind::ChoiceError,
-            code.map_or(ErrorClass::RETRY, |c| class_for_code(c, hint)),
+            code.map_or(ErrorClass::RETRY, |c| class_for_error(c, reason, hint)),
             code,
             format!(
                 "openrouter: generation failed ({}): {detail}",
@@ -783,7 +826,7 @@ pub(crate) fn interpret(
                 .collect()
         })
         .unwrap_or_default();
-    let Some((last, earlier)) = urls.split_last() else {
+    let Some((last_url, earlier)) = urls.split_last() else {
         let text = message
             .and_then(|m| m.refusal.clone().filter(|r| !r.trim().is_empty()))
             .or_else(|| wire::content_text(message.and_then(|m| m.content.as_ref())))
@@ -806,7 +849,7 @@ pub(crate) fn interpret(
             )
         });
     };
-    let image = image::decode_data_url(last).map_err(|e| {
+    let image = take_image(last_url, payloads, &mut last).map_err(|e| {
         CallError::from_image(earlier.len() + 1, &e)
             .with_status(Some(status))
             .with_usage(usage)
@@ -824,7 +867,48 @@ pub(crate) fn interpret(
         usage: usage.unwrap_or_default(),
         generation_id,
         http_status: status,
+        body_permit: None,
     })
+}
+
+/// The image a URL of the answer stands for: the decoded payload the reader kept, or, for a URL
+/// it did not intercept (not a base64 data URL), the one-shot decoder's verdict on it.
+fn take_image(
+    url: &str,
+    payloads: usize,
+    last: &mut Option<Result<stream::Payload, String>>,
+) -> Result<DecodedImage, image::ImageError> {
+    match stream::Answer::payload_ref(url) {
+        Some(n) if n + 1 == payloads => match last.take() {
+            Some(Ok(p)) => {
+                DecodedImage::from_decoded(p.bytes, p.sha256, &image::data_url_label(url))
+            }
+            Some(Err(why)) => Err(image::ImageError::InvalidBase64(why)),
+            None => Err(image::ImageError::Empty),
+        },
+        // A reference to a payload that was not kept (not the answer's last) or a payload that
+        // really starts with '#': neither is an image we can take.
+        Some(_) => Err(image::ImageError::InvalidBase64(
+            "the image payload is not the answer's last".to_owned(),
+        )),
+        None => image::decode_data_url(url),
+    }
+}
+
+/// Reads a whole answer from memory as the client reads one from the network (in `chunk`-byte
+/// pieces): for benchmarks of the parsing and decoding path, without a server.
+#[doc(hidden)]
+#[expect(
+    clippy::result_large_err,
+    reason = "same error type as the public call; cold path"
+)]
+pub fn interpret_bytes(status: u16, body: &[u8], chunk: usize) -> Result<Generation, CallError> {
+    let mut skipper = PaddingSkipper::default();
+    let mut reader = stream::AnswerReader::default();
+    for piece in body.chunks(chunk.max(1)) {
+        reader.feed(skipper.skip(piece));
+    }
+    interpret(status, None, None, reader.finish(), "")
 }
 
 /// The error for a non-2xx answer, from its JSON error object if it has one.
@@ -836,8 +920,12 @@ fn http_error(
     secret: &str,
 ) -> CallError {
     let code = i64::from(status);
-    let class = class_for_code(code, hint);
     let answer = serde_json::from_slice::<ChatResponse<'_>>(body).ok();
+    let reason = answer
+        .as_ref()
+        .and_then(|a| a.error.as_ref())
+        .and_then(WireError::reason);
+    let class = class_for_error(code, reason, hint);
     let detail = match answer.as_ref().and_then(|a| a.error.as_ref()) {
         Some(err) => describe(err, secret),
         None if body.is_empty() => "empty body".to_owned(),
@@ -848,7 +936,7 @@ fn http_error(
         ),
     };
     let wait = match class {
-        ErrorClass::Transient { after: Some(d) } => {
+        ErrorClass::Transient { after: Some(d) } | ErrorClass::Saturated { after: Some(d) } => {
             format!(" (retry after {})", humantime::format_duration(d))
         }
         _ => String::new(),
@@ -858,7 +946,11 @@ fn http_error(
         class,
         format!(
             "openrouter: HTTP {status} {}: {detail}{wait}",
-            code_meaning(code)
+            if matches!(class, ErrorClass::Saturated { .. }) {
+                "too many paid calls in flight for the balance"
+            } else {
+                code_meaning(code)
+            }
         ),
     )
     .with_status(Some(status))
@@ -1037,13 +1129,19 @@ mod tests {
         assert!(validate(&empty).is_err());
     }
 
+    fn read(body: &[u8]) -> stream::Answer {
+        let mut r = stream::AnswerReader::default();
+        r.feed(body);
+        r.finish()
+    }
+
     #[test]
     fn non_json_error_bodies_are_quoted_briefly() {
         let err = interpret(
             502,
             None,
             None,
-            b"<html><body>Bad gateway</body></html>",
+            read(b"<html><body>Bad gateway</body></html>"),
             "k",
         )
         .unwrap_err();
@@ -1059,7 +1157,7 @@ mod tests {
     fn a_top_level_error_without_code_is_transient() {
         let body =
             br#"{"error":{"message":"No instances available","availability":{}},"user_id":"u"}"#;
-        let err = interpret(200, None, Some("gen-h".into()), body, "k").unwrap_err();
+        let err = interpret(200, None, Some("gen-h".into()), read(body), "k").unwrap_err();
         assert_eq!(err.kind, CallErrorKind::ErrorInBody);
         assert_eq!(err.class, ErrorClass::RETRY);
         assert_eq!(err.code, None);

@@ -149,6 +149,20 @@ pub fn class_for_code(code: i64, after: Option<Duration>) -> ErrorClass {
     }
 }
 
+/// `metadata.reason` of the 402 that means "too many paid calls in flight for the balance right
+/// now": it clears as calls finish, so it is a shared cool-down, not "out of credits".
+pub const IN_FLIGHT_BUDGET_EXHAUSTED: &str = "in_flight_budget_exhausted";
+
+/// The class of an error answer: [`class_for_code`], except that a 402 whose `metadata.reason`
+/// is [`IN_FLIGHT_BUDGET_EXHAUSTED`] is [`ErrorClass::Saturated`]. A plain 402 and
+/// `weight_exceeds_budget` (a single call the balance cannot cover) stay halting.
+pub fn class_for_error(code: i64, reason: Option<&str>, after: Option<Duration>) -> ErrorClass {
+    match (code, reason) {
+        (402, Some(IN_FLIGHT_BUDGET_EXHAUSTED)) => ErrorClass::Saturated { after },
+        _ => class_for_code(code, after),
+    }
+}
+
 /// A short name for an error code, for messages.
 pub(crate) fn code_meaning(code: i64) -> &'static str {
     match code {
@@ -268,6 +282,25 @@ mod tests {
         for code in [408, 429, 500, 502, 503, 524, 529] {
             assert_eq!(class_for_code(code, after), ErrorClass::Transient { after });
         }
+    }
+
+    #[test]
+    fn only_the_in_flight_402_is_a_cooldown() {
+        let after = Some(Duration::from_secs(2));
+        assert_eq!(
+            class_for_error(402, Some(IN_FLIGHT_BUDGET_EXHAUSTED), after),
+            ErrorClass::Saturated { after }
+        );
+        assert_eq!(
+            class_for_error(402, Some("weight_exceeds_budget"), after),
+            ErrorClass::Halt
+        );
+        assert_eq!(class_for_error(402, None, after), ErrorClass::Halt);
+        // The reason only means this on a 402.
+        assert_eq!(
+            class_for_error(429, Some(IN_FLIGHT_BUDGET_EXHAUSTED), after),
+            ErrorClass::Transient { after }
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //!   provider's delay; permanent; halt the worker). The verdict is decided here and nowhere else.
 //! - [`error`]: [`CallError`], its kinds, and the reading of status codes and retry hints.
 //! - [`wire`]: the JSON on the wire.
+//! - `stream`: the answer read as it arrives (data URL found, base64 decoded and hashed in
+//!   chunks), so no answer is ever held whole.
 //! - [`models`]: model ids, aspect ratios, image sizes and their pixel dimensions.
 //! - [`fake`]: `imagegen fake-openrouter`, the development stand-in used by tests, the demo
 //!   and the benchmarks.
@@ -13,6 +15,7 @@ pub mod client;
 pub mod error;
 pub mod fake;
 pub mod models;
+mod stream;
 mod wire;
 
 pub use client::{

@@ -160,6 +160,12 @@ impl WireError {
         }
     }
 
+    /// `metadata.reason`: why a 402 was refused (`in_flight_budget_exhausted`,
+    /// `weight_exceeds_budget`).
+    pub fn reason(&self) -> Option<&str> {
+        self.metadata.as_ref()?.get("reason")?.as_str()
+    }
+
     /// `metadata.error_type` of a choice-level error.
     pub fn error_type(&self) -> Option<&str> {
         self.metadata.as_ref()?.get("error_type")?.as_str()

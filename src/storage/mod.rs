@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::ArgAction;
+use sha2::Digest as _;
 
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
@@ -347,16 +348,18 @@ impl Storage {
     }
 
     /// Stores an image under `key` (overwriting), with the content type of its sniffed format.
-    /// The body is uploaded in memory, in one request.
+    /// The body is uploaded in memory, in one request, with the image's own SHA-256 as the
+    /// upload's checksum (no second hash).
     pub async fn put(
         &self,
         key: &str,
         image: &DecodedImage,
         meta: &ObjectMeta,
     ) -> Result<StoredObject, StorageError> {
-        self.put_bytes(
+        self.put_hashed(
             key,
             image.bytes.clone(),
+            image.sha256,
             image.format.content_type(),
             Some(meta),
         )
@@ -372,11 +375,30 @@ impl Storage {
         content_type: &'static str,
         meta: Option<&ObjectMeta>,
     ) -> Result<StoredObject, StorageError> {
+        let sha256 = match self {
+            // Only S3 uses the checksum.
+            Storage::Local(_) => [0; 32],
+            Storage::S3(_) => sha2::Sha256::digest(&body).into(),
+        };
+        self.put_hashed(key, body, sha256, content_type, meta).await
+    }
+
+    /// [`Storage::put_bytes`] with the body's SHA-256 already known: S3 gets it as the upload's
+    /// `x-amz-checksum-sha256` (the server checks the body against it), so the upload hashes
+    /// nothing again.
+    pub async fn put_hashed(
+        &self,
+        key: &str,
+        body: Bytes,
+        sha256: [u8; 32],
+        content_type: &'static str,
+        meta: Option<&ObjectMeta>,
+    ) -> Result<StoredObject, StorageError> {
         check_key(key)?;
         let bytes = body.len() as u64;
         match self {
             Storage::Local(l) => l.put(key, body).await?,
-            Storage::S3(s) => s.put(key, body, content_type, meta).await?,
+            Storage::S3(s) => s.put(key, body, &sha256, content_type, meta).await?,
         }
         Ok(StoredObject {
             key: key.to_owned(),

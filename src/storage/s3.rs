@@ -5,8 +5,10 @@
 //! `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (env or profile) for S3-compatible servers. Bodies
 //! are uploaded in memory, in one request, and checksums are computed only when an operation
 //! requires them: servers such as Garage reject the SDK's default streaming `aws-chunked` uploads
-//! with trailing checksums, and some (s3rver) store the framing as data. The payload is still
-//! covered by the SigV4 signature's SHA-256.
+//! with trailing checksums, and some (s3rver) store the framing as data. An image upload instead
+//! carries the image's SHA-256 (computed once, while the answer was decoded) as
+//! `x-amz-checksum-sha256`, a signed header the server checks the body against, and is sent
+//! with an unsigned payload so SigV4 does not hash the body again.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -241,9 +243,11 @@ impl S3Storage {
         &self,
         key: &str,
         body: Bytes,
+        sha256: &[u8; 32],
         content_type: &'static str,
         meta: Option<&ObjectMeta>,
     ) -> Result<(), StorageError> {
+        use base64::Engine as _;
         let mut req = self
             .client
             .put_object()
@@ -251,6 +255,8 @@ impl S3Storage {
             .key(self.full_key(key))
             .content_type(content_type)
             .content_length(body.len() as i64)
+            // The hash the caller already has: sent as a header (signed), checked by the server.
+            .checksum_sha256(base64::prelude::BASE64_STANDARD.encode(sha256))
             // In memory: the SDK sends it as a plain body, never aws-chunked.
             .body(ByteStream::from(body));
         if let Some(meta) = meta {
@@ -262,7 +268,11 @@ impl S3Storage {
             }
             req = req.set_cache_control(self.cache_control.clone());
         }
-        req.send()
+        // The body is covered by the checksum header, which the signature covers: signing the
+        // payload too would hash every image a second time (SigV4's x-amz-content-sha256).
+        req.customize()
+            .disable_payload_signing()
+            .send()
             .await
             .map_err(|e| self.error("PutObject", Op::Write, key, e))?;
         Ok(())

@@ -3,6 +3,7 @@
 
 mod batch;
 mod bench;
+mod cooldown;
 mod helpers;
 mod http;
 mod openrouter;

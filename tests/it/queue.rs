@@ -38,6 +38,10 @@ async fn count_state(pool: &PgPool, state: &str) -> i64 {
         .unwrap()
 }
 
+#[allow(
+    clippy::result_large_err,
+    reason = "the handler's own result type, as the worker takes it"
+)]
 fn ok_success() -> Result<Success, Failure> {
     Ok(Success {
         image_urls: vec!["file:///tmp/x.png".into()],

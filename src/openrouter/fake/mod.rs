@@ -18,6 +18,10 @@
 //!   for the next calls whatever the prompt ([`FakeServer::inject`], [`FakeConfig::faults`],
 //!   `--fault`).
 //!
+//! - the account-wide in-flight limit ([`FakeConfig::in_flight_limit`], `--in-flight-limit`): a
+//!   call arriving while that many are being answered gets OpenRouter's 402 with
+//!   `metadata.reason: "in_flight_budget_exhausted"` and `Retry-After`.
+//!
 //! Markers (details in [`faults`] and on each [`Fault`]): `[fault:400]` ... `[fault:529]` (any
 //! 4xx or 5xx, with `retry-after=SECS` and `reset=SECS` options), `unavailable`, `echo-key`,
 //! `200-error`, `choice-error`, `safety`, `text-only`, `two-images`, `jpeg-as-png`,
@@ -73,6 +77,8 @@ pub const DEFAULT_IMAGE_BYTES: usize = 1_200_000;
 pub const DEFAULT_PAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Body size of the `oversize` fault: above the client's default 64 MiB cap.
 pub const DEFAULT_OVERSIZE_BYTES: u64 = 80 * 1024 * 1024;
+/// `Retry-After` of an in-flight refusal, in seconds.
+pub const DEFAULT_IN_FLIGHT_RETRY_AFTER: u64 = 1;
 /// Where `imagegen fake-openrouter` listens by default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4010";
 /// Pending-connection queue: benchmarks open 1,000 connections at once.
@@ -110,6 +116,15 @@ pub struct FakeConfig {
     pub oversize_bytes: u64,
     /// Faults for the first calls, whatever their prompt (as [`FakeServer::inject`]).
     pub faults: Vec<Step>,
+    /// Refuse a call that arrives while this many are being answered, as the real API does when
+    /// the balance cannot cover more paid calls at once (402 `in_flight_budget_exhausted`).
+    pub in_flight_limit: Option<usize>,
+    /// The `Retry-After` (seconds) of those refusals.
+    pub in_flight_retry_after: u64,
+    /// Answer in rounds: a call is answered at the end of the latency-long round it arrived in
+    /// (rounds counted from the server's start), so the calls of a round are answered together,
+    /// as real traffic after a restart is. Off: each call waits exactly the latency.
+    pub burst: bool,
 }
 
 impl std::fmt::Debug for FakeConfig {
@@ -122,6 +137,9 @@ impl std::fmt::Debug for FakeConfig {
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
             .field("oversize_bytes", &self.oversize_bytes)
             .field("faults", &self.faults)
+            .field("in_flight_limit", &self.in_flight_limit)
+            .field("in_flight_retry_after", &self.in_flight_retry_after)
+            .field("burst", &self.burst)
             .finish()
     }
 }
@@ -136,6 +154,9 @@ impl Default for FakeConfig {
             api_key: None,
             oversize_bytes: DEFAULT_OVERSIZE_BYTES,
             faults: Vec::new(),
+            in_flight_limit: None,
+            in_flight_retry_after: DEFAULT_IN_FLIGHT_RETRY_AFTER,
+            burst: false,
         }
     }
 }
@@ -165,6 +186,16 @@ pub struct FakeArgs {
     /// `429x3 retry-after=2`); repeatable, applied in order.
     #[arg(long = "fault", value_parser = Step::parse)]
     pub faults: Vec<Step>,
+    /// Refuse calls beyond this many in flight with 402 `in_flight_budget_exhausted` and
+    /// `Retry-After`, as the real API does when the balance cannot cover more at once.
+    #[arg(long)]
+    pub in_flight_limit: Option<usize>,
+    /// `Retry-After` of those refusals, in seconds.
+    #[arg(long, default_value_t = DEFAULT_IN_FLIGHT_RETRY_AFTER)]
+    pub in_flight_retry_after: u64,
+    /// Answer the calls of each latency-long round together, at the round's end.
+    #[arg(long)]
+    pub burst: bool,
 }
 
 impl std::fmt::Debug for FakeArgs {
@@ -183,6 +214,9 @@ impl From<FakeArgs> for FakeConfig {
             api_key: args.api_key,
             oversize_bytes: args.oversize_bytes,
             faults: args.faults,
+            in_flight_limit: args.in_flight_limit,
+            in_flight_retry_after: args.in_flight_retry_after,
+            burst: args.burst,
         }
     }
 }
@@ -239,6 +273,10 @@ pub struct FakeStats {
     pub billed_usd: Decimal,
     /// Every successful generation, in completion order (the last image of a two-image answer).
     pub served: Vec<ServedImage>,
+    /// Calls refused with 402 `in_flight_budget_exhausted` (see [`FakeConfig::in_flight_limit`]).
+    pub refused_in_flight: u64,
+    /// The most calls being answered at once.
+    pub peak_in_flight: usize,
     /// Every reference image received in a well-formed request, in arrival order.
     pub references: Vec<ReceivedReference>,
 }
@@ -285,6 +323,8 @@ impl FakeServer {
             images: ImageCache::default(),
             stats: Mutex::new(FakeStats::default()),
             stopping: CancellationToken::new(),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            started: Instant::now(),
         });
         let app = router(shared.clone());
         let stopping = shared.stopping.clone();
@@ -380,6 +420,10 @@ struct Shared {
     injected: Mutex<VecDeque<Step>>,
     /// Cancelled on stop: the server stops accepting and padded answers end at once.
     stopping: CancellationToken,
+    /// Calls being answered now (accepted, body not finished).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Where burst rounds are counted from.
+    started: Instant,
 }
 
 impl Shared {
@@ -561,6 +605,19 @@ async fn chat_completions(
     } else {
         "1K"
     };
+    let Some(in_flight) = InFlightCall::enter(&shared) else {
+        shared.stats(|s| s.refused_in_flight += 1);
+        let mut response = openrouter_error(
+            402,
+            "Too many requests in flight for your current balance; retry when some finish",
+            Some(json!({"reason": "in_flight_budget_exhausted"})),
+        );
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(shared.config.in_flight_retry_after),
+        );
+        return response;
+    };
     let call = Call {
         id: generation_id(),
         model: model.to_owned(),
@@ -569,7 +626,36 @@ async fn chat_completions(
         height,
         tier: tier.to_owned(),
     };
-    stream_answer(shared, call, fault)
+    stream_answer(shared, call, fault, in_flight)
+}
+
+/// One call counted as in flight until its body ends or the client goes away.
+#[derive(Debug)]
+struct InFlightCall(Arc<Shared>);
+
+impl InFlightCall {
+    /// Counts a call in, unless the in-flight limit is reached.
+    fn enter(shared: &Arc<Shared>) -> Option<InFlightCall> {
+        use std::sync::atomic::Ordering;
+        let limit = shared.config.in_flight_limit.unwrap_or(usize::MAX);
+        let now = shared
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?
+            + 1;
+        shared.stats(|s| s.peak_in_flight = s.peak_in_flight.max(now));
+        Some(InFlightCall(shared.clone()))
+    }
+}
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The user message's text: a string, or the text parts of an array.
@@ -994,7 +1080,12 @@ fn halve(parts: &mut Vec<Bytes>) {
 
 /// Sends the 200 and headers now, then pads while the answer is prepared (the image fetched
 /// from the cache, generated on first use) and the latency runs out, then sends the answer.
-fn stream_answer(shared: Arc<Shared>, call: Call, fault: Option<Fault>) -> Response {
+fn stream_answer(
+    shared: Arc<Shared>,
+    call: Call,
+    fault: Option<Fault>,
+    in_flight: InFlightCall,
+) -> Response {
     let latency = match &fault {
         Some(Fault::Slow(latency)) => *latency,
         _ => shared.config.latency,
@@ -1003,7 +1094,15 @@ fn stream_answer(shared: Arc<Shared>, call: Call, fault: Option<Fault>) -> Respo
         Some(Fault::SseComments) => COMMENT_PAD,
         _ => WHITESPACE_PAD,
     };
-    let ready_at = Instant::now() + latency;
+    let now = Instant::now();
+    let ready_at = match (&fault, shared.config.burst) {
+        (None, true) if !latency.is_zero() => {
+            let round = now.duration_since(shared.started).as_nanos() / latency.as_nanos();
+            let rounds = u32::try_from(round + 1).unwrap_or(u32::MAX);
+            shared.started + latency.saturating_mul(rounds)
+        }
+        _ => now + latency,
+    };
     let id = call.id.clone();
     let preparing = {
         let shared = shared.clone();
@@ -1022,6 +1121,7 @@ fn stream_answer(shared: Arc<Shared>, call: Call, fault: Option<Fault>) -> Respo
         ending: None,
         billing: None,
         shared,
+        _in_flight: in_flight,
     };
     let stream = futures::stream::unfold(writer, |mut w| async move {
         let item = w.next().await?;
@@ -1052,6 +1152,8 @@ struct Writer {
     parts: VecDeque<Bytes>,
     ending: Option<Ending>,
     billing: Option<Billing>,
+    /// Released when the body ends or the connection is dropped.
+    _in_flight: InFlightCall,
 }
 
 impl Writer {

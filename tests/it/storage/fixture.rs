@@ -187,12 +187,7 @@ pub fn random_png(side: u32, seed: u64) -> DecodedImage {
         let mut w = enc.write_header().unwrap();
         w.write_image_data(&pixels).unwrap();
     }
-    DecodedImage {
-        bytes: Bytes::from(out),
-        format: ImageFormat::Png,
-        width: side,
-        height: side,
-    }
+    DecodedImage::new(Bytes::from(out), ImageFormat::Png, side, side)
 }
 
 /// A small image, for tests where the content does not matter.
