@@ -314,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(a) => worker(g, *a).await?,
         Command::Demo { demo, storage } => {
+            imagegen::demo::ensure_postgres(&g.database_url).await?;
             imagegen::demo::run(open_queue(g, 10).await?, &storage, demo).await?
         }
         Command::Doctor { storage, provider } => doctor(g, storage, provider).await?,

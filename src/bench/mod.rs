@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
+mod pages;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -123,6 +124,8 @@ pub enum Scenario {
     Enqueue,
     /// GET /api/v1/jobs and the other reads with a million jobs in the table.
     Api,
+    /// The dashboard's overview and batch pages with a million jobs in the table.
+    Pages,
     /// Every scenario, in this order.
     All,
 }
@@ -318,6 +321,9 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Api {
         emit(api::api_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Pages {
+        emit(pages::pages_scenario(bench, args).await?);
     }
     Ok(())
 }

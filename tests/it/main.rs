@@ -2,6 +2,7 @@
 //! `scripts/test`, which starts the S3-compatible server these tests need.
 
 mod bench;
+mod dashboard;
 mod helpers;
 mod http;
 mod openrouter;
