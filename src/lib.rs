@@ -20,10 +20,14 @@
 //! - [`http`]: the HTTP server: JSON API with its OpenAPI document, health, `/metrics`, access.
 //! - [`metrics`]: the process's Prometheus instruments (names, bounded labels, recording).
 //! - [`renditions`]: a job's renditions: specs, the image pool, uploads, the record.
+//! - [`batch`]: batches from CSV/JSONL files: templates, validation, submission, reports.
+//! - [`prune`]: deleting old jobs and their objects, chunk by chunk.
+//! - [`references`]: reference images: checked, stored, encoded once and shared by calls.
 //! - [`demo`]: `imagegen demo`, the whole thing against the local stand-in.
 //! - [`bench`]: `imagegen bench`, the benchmarks (queue, growth, wake-up, pipeline, enqueue).
 //! - `migrations/`: plain SQL, run by [`MIGRATOR`].
 
+pub mod batch;
 pub mod bench;
 pub mod db;
 pub mod demo;
@@ -34,7 +38,9 @@ pub mod metrics;
 pub mod notify;
 pub mod openrouter;
 pub mod pipeline;
+pub mod prune;
 pub mod queue;
+pub mod references;
 pub mod renditions;
 pub mod retry;
 pub mod storage;

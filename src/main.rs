@@ -132,6 +132,14 @@ enum Command {
     Renditions(cli::renditions::RenditionsCommand),
     /// Webhook deliveries: list them (`--failed`), or `redeliver ID`.
     Deliveries(cli::deliveries::DeliveriesArgs),
+    /// Batches from CSV/JSONL files: submit, list, show, watch, retry-failed, cancel, budget,
+    /// report.
+    #[command(subcommand)]
+    Batch(cli::batch::BatchCommand),
+    /// Make a finished job again as a new generation (new image keys; the old images stay).
+    Regenerate(cli::regenerate::RegenerateArgs),
+    /// Delete jobs that finished before a date (and, with --objects, their stored images).
+    Prune(Box<cli::prune::PruneArgs>),
 }
 
 #[derive(Subcommand)]
@@ -171,9 +179,18 @@ struct WorkerArgs {
     /// No retry waits longer than this.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     retry_cap: Duration,
-    /// Exit once no job is due or running (for cron-driven runs).
+    /// Exit once nothing is left to do now or soon (for cron-driven runs): no job due, running or
+    /// waiting for a retry. Exit code 0: nothing left; 3: stopped with work left (window closed,
+    /// budget reached, halted by a 401/402; the jobs are handed back, never failed); 1: an error.
     #[arg(long)]
     exit_when_idle: bool,
+    /// Claim only inside this daily window of wall-clock time, e.g. 22:00-06:00 (may cross
+    /// midnight). Calls in flight when it closes finish and are recorded.
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    window: Option<String>,
+    /// The window's timezone (IANA name, e.g. Europe/Berlin); default the machine's.
+    #[arg(long, requires = "window")]
+    timezone: Option<String>,
     /// Only claim jobs of this batch.
     #[arg(long)]
     batch: Option<String>,
@@ -235,6 +252,12 @@ struct EnqueueArgs {
     /// POST the finished job here (a signed webhook; http or https).
     #[arg(long)]
     callback_url: Option<String>,
+    /// A reference image sent with the prompt (up to 4): an https URL (passed on as is), a local
+    /// PNG/JPEG/WebP/GIF file (stored once in --storage), or the key of an object in storage.
+    #[arg(long = "reference", value_name = "URL|FILE|KEY")]
+    references: Vec<String>,
+    #[command(flatten)]
+    storage: StorageConfig,
 }
 
 #[derive(Args)]
@@ -264,7 +287,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -291,7 +314,8 @@ async fn open_queue(g: &Global, max_connections: u32) -> anyhow::Result<Queue> {
     Ok(Queue::new(pool))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the answer is the process's exit code (see `worker --exit-when-idle`).
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     let g = &cli.global;
     match cli.command {
         Command::Migrate => {
@@ -308,11 +332,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 q.retry(id).await?;
                 println!("job {id} is pending again");
             } else if failed {
-                let n = q.retry_failed(batch.as_deref()).await?;
-                println!("{n} failed job(s) pending again");
+                cli::batch::retry_failed(&q, batch.as_deref()).await?;
             }
         }
-        Command::Worker(a) => worker(g, *a).await?,
+        Command::Worker(a) => return worker(g, *a).await,
+        Command::Regenerate(a) => cli::regenerate::run(open_queue(g, 2).await?, a).await?,
+        Command::Prune(a) => cli::prune::run(open_queue(g, 4).await?, *a).await?,
         Command::Demo { demo, storage } => {
             imagegen::demo::ensure_postgres(&g.database_url).await?;
             imagegen::demo::run(open_queue(g, 10).await?, &storage, demo).await?
@@ -337,15 +362,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let q = open_queue(g, 2).await?;
             match cmd {
                 BudgetCommand::Set { batch, usd } => {
-                    q.set_batch_budget(&batch, Some(usd))
-                        .await
-                        .map_err(explain_constraint)?;
-                    println!("batch {batch:?}: budget ${usd}");
+                    cli::batch::set_budget(&q, &batch, Some(usd)).await?
                 }
-                BudgetCommand::Clear { batch } => {
-                    q.set_batch_budget(&batch, None).await?;
-                    println!("batch {batch:?}: no budget");
-                }
+                BudgetCommand::Clear { batch } => cli::batch::set_budget(&q, &batch, None).await?,
                 BudgetCommand::Daily(cmd) => cli::budget::daily(q, cmd).await?,
                 BudgetCommand::List => {
                     let mut t = Table::new();
@@ -377,12 +396,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 q.cancel(id).await?;
                 println!("job {id} cancelled");
             } else if let Some(b) = batch {
-                let n = q.cancel_batch(&b).await?;
-                println!("{n} pending job(s) of batch {b:?} cancelled");
+                cli::batch::cancel(&q, &b).await?;
             }
         }
+        Command::Batch(cmd) => cli::batch::run(open_queue(g, 4).await?, cmd).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
@@ -403,6 +422,7 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
         metadata,
         callback_url: a.callback_url,
         renditions: Vec::new(),
+        reference_images: cli::references(&a.references, &a.storage).await?,
     };
     if let Some(prompt) = a.prompt {
         let job = NewJob { prompt, ..template };
@@ -446,6 +466,10 @@ async fn enqueue(q: Queue, a: EnqueueArgs) -> anyhow::Result<()> {
 }
 
 async fn status(q: Queue, a: StatusArgs) -> anyhow::Result<()> {
+    if a.by_batch && !a.json && a.batch.is_none() {
+        // The same table as `imagegen batch list`.
+        return cli::batch::list(&q, false).await;
+    }
     let counts = q.counts(a.by_batch, a.batch.as_deref()).await?;
     let workers = q.live_workers(std::time::Duration::from_secs(120)).await?;
     if a.json {
@@ -568,7 +592,11 @@ async fn show(q: Queue, id: i64, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
+async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<u8> {
+    let window = match &a.window {
+        Some(w) => Some(imagegen::worker::Window::parse(w, a.timezone.as_deref())?),
+        None => None,
+    };
     // A refused HTTP configuration fails before anything else starts.
     let http = match a.http {
         Some(addr) => Some(imagegen::http::bind(addr, &a.http_auth).await?),
@@ -634,6 +662,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         },
         exit_when_idle: a.exit_when_idle,
         only_batch: a.batch,
+        window,
     };
     let shutdown = shutdown_token();
     let stop_deliveries = CancellationToken::new();
@@ -644,6 +673,7 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
         stop_deliveries.clone(),
     )
     .await?;
+    let pruner = cli::deliveries::spawn_pruner(&queue, &a.webhooks, stop_deliveries.clone());
     let ran = Worker::new(queue, pipeline, config).run(shutdown).await;
     // After the jobs (whose completions write deliveries): calls in flight end, the rest waits
     // in the outbox for the next worker.
@@ -651,12 +681,16 @@ async fn worker(g: &Global, a: WorkerArgs) -> anyhow::Result<()> {
     if let Some(d) = deliverer {
         let _ = d.await;
     }
+    let _ = pruner.await;
     http_stop.cancel();
     if let Some(task) = http_task {
         task.await.context("the HTTP server task failed")??;
     }
-    ran?;
-    Ok(())
+    let stopped = ran?;
+    if let imagegen::worker::Stopped::WorkLeft(reason) = &stopped {
+        eprintln!("stopped with work left: {reason}");
+    }
+    Ok(stopped.exit_code())
 }
 
 async fn doctor(

@@ -27,7 +27,9 @@ use crate::image::{DecodedImage, ImageFormat};
 use crate::openrouter::{CallError, Client, Generation, ImageRequest, models};
 use crate::queue::{AttemptRecord, ImageRow, Job, Queue, Reservation};
 use crate::renditions::Renditions;
-use crate::storage::{ObjectMeta, Storage, StorageError, object_key, parse_file_name};
+use crate::storage::{
+    FIRST_GENERATION, ObjectMeta, Storage, StorageError, generation_key, parse_file_name,
+};
 use crate::worker::{Failure, Handler, Success};
 
 /// Pipeline settings that are not the provider's or the storage's.
@@ -55,6 +57,7 @@ pub struct Pipeline {
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     daily_budget: DailyBudgetCache,
     renditions: Renditions,
+    references: Arc<crate::references::ReferenceCache>,
 }
 
 impl Pipeline {
@@ -69,11 +72,17 @@ impl Pipeline {
             limiter,
             daily_budget: Arc::default(),
             renditions: Renditions::new(config.renditions),
+            references: Arc::default(),
         }
     }
 
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The reference images held for calls in flight.
+    pub fn references(&self) -> &crate::references::ReferenceCache {
+        &self.references
     }
 
     /// The installation's daily budget, read at most every [`SETTINGS_TTL`].
@@ -152,7 +161,7 @@ impl Pipeline {
         if job.has_paid_images {
             let stashed = self
                 .queue
-                .stashed_images(job.id)
+                .stashed_images(job.id, job.generation)
                 .await
                 .map_err(|e| Failure {
                     class: e.class(),
@@ -171,14 +180,21 @@ impl Pipeline {
         if job.attempts <= 1 {
             return Ok(None);
         }
-        let probe = object_key(job.batch.as_deref(), job.id, 0, ImageFormat::Png);
+        let generation = key_generation(job);
+        let probe = generation_key(
+            job.batch.as_deref(),
+            job.id,
+            generation,
+            0,
+            ImageFormat::Png,
+        );
         let prefix = match probe.rfind('-') {
             Some(i) => &probe[..=i],
             None => return Ok(None),
         };
         let keys = self.storage.list(prefix).await.map_err(storage_failure)?;
         let mut images = Vec::new();
-        for key in originals_of(job.id, &keys) {
+        for key in originals_of(job.id, generation, &keys) {
             let bytes = self.storage.get(key).await.map_err(storage_failure)?;
             if let Some(img) = decoded(bytes) {
                 images.push(img);
@@ -196,7 +212,13 @@ impl Pipeline {
         };
         let mut success = Success::default();
         for (index, image) in images.iter().enumerate() {
-            let key = object_key(job.batch.as_deref(), job.id, index, image.format);
+            let key = generation_key(
+                job.batch.as_deref(),
+                job.id,
+                key_generation(job),
+                index,
+                image.format,
+            );
             let stored = self.storage.put(&key, image, &meta).await?;
             success.image_urls.push(stored.url.clone());
             success.images.push(ImageRow {
@@ -230,6 +252,12 @@ impl Pipeline {
             self.forget_stash(job.id).await;
             return Ok(success);
         }
+        // Before any budget is reserved: a bad reference fails the job without costing anything.
+        let references = self
+            .references
+            .resolve(&self.storage, &job.reference_images)
+            .await
+            .map_err(|e| Failure::new(e.class(), e.to_string()))?;
         self.check_budgets(&job).await?;
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
@@ -239,6 +267,7 @@ impl Pipeline {
             prompt: job.prompt.clone(),
             aspect_ratio: job.aspect_ratio.clone(),
             image_size: job.image_size.clone(),
+            references,
         };
         let call_started = std::time::Instant::now();
         let generation = self.client.generate(&request).await;
@@ -274,7 +303,12 @@ impl Pipeline {
         loop {
             match self
                 .queue
-                .stash_images(job.id, &images, generation.generation_id.as_deref())
+                .stash_images(
+                    job.id,
+                    job.generation,
+                    &images,
+                    generation.generation_id.as_deref(),
+                )
                 .await
             {
                 Ok(()) => return,
@@ -309,17 +343,21 @@ impl Handler for Pipeline {
     }
 }
 
+/// The job's generation as its keys carry it.
+fn key_generation(job: &Job) -> u32 {
+    u32::try_from(job.generation).unwrap_or(FIRST_GENERATION)
+}
+
 /// The keys among `keys` (one listing of the job's prefix) that are this job's originals of
-/// the current generation, by index: never a rendition, another generation or another job's
-/// object, whatever else the prefix holds. One key per index (the first listed).
-fn originals_of(job_id: i64, keys: &[String]) -> Vec<&str> {
+/// `generation`, by index: never a rendition, another generation or another job's object,
+/// whatever else the prefix holds. One key per index (the first listed).
+fn originals_of(job_id: i64, generation: u32, keys: &[String]) -> Vec<&str> {
     let mut found: Vec<(usize, &str)> = keys
         .iter()
         .filter_map(|k| {
             let name = parse_file_name(k.rsplit('/').next().unwrap_or(k))?;
-            let ours = name.job_id == job_id
-                && name.generation == crate::renditions::CURRENT_GENERATION
-                && name.rendition.is_none();
+            let ours =
+                name.job_id == job_id && name.generation == generation && name.rendition.is_none();
             ours.then_some((name.index, k.as_str()))
         })
         .collect();
@@ -387,7 +425,7 @@ mod tests {
             "b/42-1.png",
             "b/42-0.thumb.webp",
             "b/42-0.png",
-            "b/42-g1-0.png",
+            "b/42-g2-0.png",
             "b/42-0.1200x630-png.png",
             "b/420-0.png",
             "b/.42-0.png.1234.tmp",
@@ -396,6 +434,16 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        assert_eq!(originals_of(42, &keys), ["b/42-0.png", "b/42-1.png"]);
+        assert_eq!(originals_of(42, 1, &keys), ["b/42-0.png", "b/42-1.png"]);
+        let later: Vec<String> = [
+            "b/42-0.png",
+            "b/42-g2-0.png",
+            "b/42-g2-0.og.jpg",
+            "b/42-g3-0.png",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(originals_of(42, 2, &later), ["b/42-g2-0.png"]);
     }
 }

@@ -21,10 +21,6 @@ use crate::queue::{
 use crate::storage::{ObjectMeta, Storage, StorageError, rendition_key};
 use crate::worker::Success;
 
-/// The generation every key is made with today. Regeneration (the batches issue) will pass the
-/// job's own; generation 0 keys are the ones made before generations existed.
-pub const CURRENT_GENERATION: u32 = 0;
-
 /// The rendition maker: settings and the pool, shared by every job of a process.
 #[derive(Debug, Clone)]
 pub struct Renditions {
@@ -240,7 +236,7 @@ impl Renditions {
             job_id: job.id,
             batch: job.batch.as_deref(),
             model: &job.model,
-            generation: CURRENT_GENERATION,
+            generation: u32::try_from(job.generation).unwrap_or(crate::storage::FIRST_GENERATION),
         };
         let mut record = self.make(storage, owner, &originals, &specs).await;
         record.errors.extend(unparsed);
@@ -293,7 +289,8 @@ impl Renditions {
             job_id: target.id,
             batch: target.batch.as_deref(),
             model: &target.model,
-            generation: CURRENT_GENERATION,
+            generation: u32::try_from(target.generation)
+                .unwrap_or(crate::storage::FIRST_GENERATION),
         };
         let mut record = self.make(storage, owner, &originals, &missing).await;
         // The automatic thumbnail is not an ask: `renditions` keeps only what was asked for.

@@ -6,7 +6,7 @@
 //! batches through one writer task. The handler decides nothing about the queue: it returns a
 //! success or a classified failure, and [`decide`] turns that into the job's next state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,9 @@ use crate::queue::{
     AttemptRecord, ClaimFilter, Completion, Finish, ImageRow, Job, Queue, QueueError,
 };
 use crate::retry::RetryPolicy;
+
+pub mod window;
+pub use window::{Window, WindowError};
 
 /// A finished attempt that produced its images.
 #[derive(Debug, Clone, Default)]
@@ -84,10 +87,14 @@ pub struct WorkerConfig {
     pub halt_probe_interval: Duration,
     /// Backoff for transient failures.
     pub retry: RetryPolicy,
-    /// Exit once no job is due or running anywhere.
+    /// Exit once nothing is left to do now or soon: no job due, running, or waiting for a
+    /// retry (jobs scheduled for later and jobs of a batch stopped at its budget do not count).
+    /// Also exit, with work left, when the window closes or claiming halts (see [`Stopped`]).
     pub exit_when_idle: bool,
     /// Claim only jobs of this batch (an overnight run of one batch, the demo).
     pub only_batch: Option<String>,
+    /// Claim only inside this daily window (in-flight calls finish when it closes).
+    pub window: Option<Window>,
 }
 
 impl Default for WorkerConfig {
@@ -103,6 +110,29 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             exit_when_idle: false,
             only_batch: None,
+            window: None,
+        }
+    }
+}
+
+/// Why [`Worker::run`] returned. `imagegen worker` exits with [`Stopped::exit_code`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to stop (SIGINT/SIGTERM, or the token cancelled).
+    Shutdown,
+    /// `exit_when_idle`: nothing left to do now or soon.
+    Idle,
+    /// `exit_when_idle`: stopped with work left (the window closed, a budget was reached,
+    /// claiming halted on a 401/402). The jobs are pending, handed back, never failed.
+    WorkLeft(String),
+}
+
+impl Stopped {
+    /// 0 for nothing left (or a requested stop), 3 for work left. (1 is an error.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Stopped::Shutdown | Stopped::Idle => 0,
+            Stopped::WorkLeft(_) => 3,
         }
     }
 }
@@ -200,6 +230,9 @@ struct Shared {
     pause: Mutex<Option<Pause>>,
     /// Batches not to claim until the given instant (their budget is spent).
     paused_batches: Mutex<HashMap<String, Instant>>,
+    /// Batches that met their budget during this run and have not succeeded a job since: with
+    /// `exit_when_idle`, their pending jobs keep no worker running.
+    budget_stopped: Mutex<HashSet<String>>,
     /// Wakes the heartbeat early, so a pause shows in `imagegen status` at once.
     heartbeat_now: tokio::sync::Notify,
     status: watch::Sender<WorkerStatus>,
@@ -267,6 +300,7 @@ impl<H: Handler> Worker<H> {
                 in_flight: Mutex::new(HashMap::new()),
                 pause: Mutex::new(None),
                 paused_batches: Mutex::new(HashMap::new()),
+                budget_stopped: Mutex::new(HashSet::new()),
                 heartbeat_now: tokio::sync::Notify::new(),
                 status,
             }),
@@ -286,9 +320,10 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Runs until `shutdown` is cancelled (or, with `exit_when_idle`, until nothing is left to
-    /// do), then stops claiming, lets in-flight jobs finish within the grace period, hands the
-    /// rest back without spending their attempt, and returns.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), QueueError> {
+    /// do or it stops with work left), then stops claiming and lets in-flight jobs finish. On a
+    /// requested shutdown they have the grace period, and the rest is handed back without
+    /// spending their attempt; otherwise (window closed, halted, idle) they run to the end.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Stopped, QueueError> {
         let shared = self.shared.clone();
         let cfg = &shared.config;
         let host = hostname();
@@ -326,16 +361,55 @@ impl<H: Handler> Worker<H> {
         // writer's queue (bounded) is what pushes back if the database falls behind.
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let mut db_failures: u32 = 0;
+        let mut stopped = Stopped::Shutdown;
 
         'claiming: loop {
             if shutdown.is_cancelled() {
                 break;
             }
             while tasks.try_join_next().is_some() {}
+            // Outside the claiming window?
+            if let Some(window) = &cfg.window
+                && !window.contains(Utc::now())
+            {
+                if cfg.exit_when_idle {
+                    // The same rule as idle: jobs scheduled for later are not work left.
+                    stopped = match shared.queue.work_left(cfg.only_batch.as_deref(), &[]).await {
+                        Ok(w) if w.due + w.retrying == 0 => Stopped::Idle,
+                        Ok(w) => Stopped::WorkLeft(format!(
+                            "window {window} closed with {} job(s) due or waiting for a retry",
+                            w.due + w.retrying
+                        )),
+                        Err(e) => {
+                            warn!(error = %e, "could not count what is left");
+                            Stopped::WorkLeft(format!("window {window} closed"))
+                        }
+                    };
+                    break 'claiming;
+                }
+                shared
+                    .status
+                    .send_modify(|s| s.paused = Some(format!("outside the window {window}")));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'claiming,
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+                if cfg.window.as_ref().is_some_and(|w| w.contains(Utc::now())) {
+                    shared.status.send_modify(|s| s.paused = None);
+                    info!(window = %window, "window open; claiming");
+                }
+                continue;
+            }
             // Paused (halt or provider cool-down)?
             let pause = lock(&shared.pause).clone();
             let mut limit = slots.available_permits();
             if let Some(p) = &pause {
+                if p.probe && cfg.exit_when_idle {
+                    // Every job would halt the same way: a cron run ends here, jobs handed back.
+                    stopped = Stopped::WorkLeft(format!("halted: {}", p.reason));
+                    break 'claiming;
+                }
                 if p.until > Instant::now() {
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'claiming,
@@ -422,15 +496,30 @@ impl<H: Handler> Worker<H> {
                 continue; // Maybe more is due: claim again while slots are free.
             }
 
-            // Nothing more due now. Exit if asked and nothing is left anywhere.
+            // Nothing more due now. Exit if asked and nothing is left now or soon.
             if cfg.exit_when_idle && tasks.is_empty() {
+                let mut skip: Vec<String> = lock(&shared.budget_stopped).iter().cloned().collect();
+                skip.extend(shared.claim_filter().skip);
+                skip.sort();
+                skip.dedup();
                 match shared
                     .queue
-                    .idle_everywhere(cfg.only_batch.as_deref())
+                    .work_left(cfg.only_batch.as_deref(), &skip)
                     .await
                 {
-                    Ok(true) => break 'claiming,
-                    Ok(false) => {}
+                    Ok(w) if w.soon() => {}
+                    Ok(w) if w.budget_stopped > 0 => {
+                        stopped = Stopped::WorkLeft(format!(
+                            "budget reached: {} job(s) of batch(es) {} left",
+                            w.budget_stopped,
+                            skip.join(", ")
+                        ));
+                        break 'claiming;
+                    }
+                    Ok(_) => {
+                        stopped = Stopped::Idle;
+                        break 'claiming;
+                    }
                     Err(e) => warn!(error = %e, "idle check failed"),
                 }
             }
@@ -464,6 +553,20 @@ impl<H: Handler> Worker<H> {
             });
         }
 
+        // Not asked to stop (window closed, halted, idle): the calls in flight finish and are
+        // recorded, however long they take, unless a stop is asked for meanwhile.
+        if stopped != Stopped::Shutdown && !tasks.is_empty() {
+            info!(
+                in_flight = tasks.len(),
+                "claiming ended: letting in-flight jobs finish"
+            );
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    next = tasks.join_next() => if next.is_none() { break },
+                }
+            }
+        }
         // Shutdown: stop claiming, let in-flight jobs finish within the grace period.
         if !tasks.is_empty() {
             info!(in_flight = tasks.len(), grace = ?cfg.grace, "stopping: waiting for in-flight jobs");
@@ -495,8 +598,8 @@ impl<H: Handler> Worker<H> {
         if let Err(e) = shared.queue.worker_stopped(shared.id).await {
             warn!(error = %e, "could not record worker stop");
         }
-        info!(worker = %shared.id, "worker stopped");
-        Ok(())
+        info!(worker = %shared.id, ?stopped, "worker stopped");
+        Ok(stopped)
     }
 
     fn spawn_job(
@@ -544,6 +647,7 @@ impl<H: Handler> Worker<H> {
                     Err(f) if f.class == ErrorClass::HaltBatch => {
                         let batch = job.batch.clone().unwrap_or_default();
                         warn!(error = %f.message, "pausing this batch; job handed back");
+                        lock(&shared.budget_stopped).insert(batch.clone());
                         lock(&shared.paused_batches)
                             .insert(batch, Instant::now() + shared.config.halt_probe_interval);
                     }
@@ -554,7 +658,12 @@ impl<H: Handler> Worker<H> {
                         }
                         probe_passed(&shared);
                     }
-                    Ok(_) => probe_passed(&shared),
+                    Ok(_) => {
+                        if let Some(b) = &job.batch {
+                            lock(&shared.budget_stopped).remove(b);
+                        }
+                        probe_passed(&shared)
+                    }
                 }
                 let completion = Completion {
                     job_id: job.id,

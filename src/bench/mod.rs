@@ -15,6 +15,8 @@
 //!   real router, with a million finished jobs in the table ([`api`]).
 //! - `enqueue`: rows per second of a bulk enqueue through `imagegen enqueue --file` and through
 //!   one SQL statement.
+//! - `renditions`: CPU milliseconds per job of the image work (decode, placeholder, `thumb`, and
+//!   `og` + `thumb`) from a 1344x768 and a 4K original ([`renditions`]).
 //!
 //! Benchmarks never touch the user's database: each measurement starts from a freshly created
 //! database of their own ([`DEFAULT_BENCH_DATABASE`], on the server `DATABASE_URL` points at),
@@ -43,7 +45,9 @@ use tokio_util::sync::CancellationToken;
 use crate::db;
 
 mod api;
+mod batch;
 mod pages;
+mod renditions;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
 use crate::openrouter::{Client, Config as ClientConfig, ImageRequest, models};
 use crate::pipeline::{Pipeline, PipelineConfig};
@@ -124,6 +128,10 @@ pub enum Scenario {
     Enqueue,
     /// GET /api/v1/jobs and the other reads with a million jobs in the table.
     Api,
+    /// CPU per job of renditions (thumb; og + thumb) from 1344x768 and 4K originals.
+    Renditions,
+    /// `imagegen batch submit` of a 100,000-row CSV, and the same file again.
+    Batch,
     /// The dashboard's overview and batch pages with a million jobs in the table.
     Pages,
     /// Every scenario, in this order.
@@ -189,6 +197,12 @@ pub struct BenchArgs {
     /// Print one JSON object per scenario (one per line) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Jobs per measurement of the renditions scenario at 1344x768 (4K runs an eighth).
+    #[arg(long, default_value_t = renditions::DEFAULT_RENDITION_JOBS)]
+    pub rendition_jobs: usize,
+    /// Rows of the CSV the batch scenario submits.
+    #[arg(long, default_value_t = batch::TARGET_ROWS)]
+    pub batch_rows: usize,
 }
 
 impl Default for BenchArgs {
@@ -210,6 +224,8 @@ impl Default for BenchArgs {
             imagegen_bin: None,
             bench_database: DEFAULT_BENCH_DATABASE.to_owned(),
             json: false,
+            rendition_jobs: renditions::DEFAULT_RENDITION_JOBS,
+            batch_rows: batch::TARGET_ROWS,
         }
     }
 }
@@ -321,6 +337,14 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Api {
         emit(api::api_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Renditions {
+        // CPU-bound and single-threaded: off the async threads.
+        let a = args.clone();
+        emit(tokio::task::spawn_blocking(move || renditions::renditions_scenario(&a)).await??);
+    }
+    if all || args.scenario == Scenario::Batch {
+        emit(batch::batch_scenario(bench, args).await?);
     }
     if all || args.scenario == Scenario::Pages {
         emit(pages::pages_scenario(bench, args).await?);
@@ -1100,6 +1124,7 @@ async fn pipeline_runs(
             prompt: "bench warm-up".to_owned(),
             aspect_ratio: "16:9".to_owned(),
             image_size: None,
+            references: Vec::new(),
         })
         .await
         .context("warm-up call to the stand-in")?;

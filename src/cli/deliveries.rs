@@ -27,6 +27,26 @@ pub struct WebhookArgs {
     /// inside your own network on purpose). Off: such URLs are refused.
     #[arg(long, env = "IMAGEGEN_ALLOW_PRIVATE_CALLBACKS")]
     pub allow_private_callbacks: bool,
+    /// Events (the stream's log) and finished webhook deliveries older than this are pruned,
+    /// hourly. A stream resuming from a pruned event gets 410 Gone.
+    #[arg(long, env = "IMAGEGEN_PUSH_RETENTION", default_value = "7d",
+        value_parser = humantime::parse_duration)]
+    pub push_retention: Duration,
+}
+
+/// Starts the hourly pruning of old events and finished deliveries (see
+/// `imagegen::notify::retention`).
+pub fn spawn_pruner(
+    queue: &Queue,
+    args: &WebhookArgs,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(imagegen::notify::retention::run(
+        queue.clone(),
+        args.push_retention,
+        imagegen::notify::retention::PRUNE_INTERVAL,
+        shutdown,
+    ))
 }
 
 /// Starts the delivery loop for the worker, if a secret is set (unsigned webhooks are never

@@ -6,8 +6,11 @@ pub mod renditions;
 
 use tokio_util::sync::CancellationToken;
 
+pub mod batch;
 pub mod budget;
 pub mod deliveries;
+pub mod prune;
+pub mod regenerate;
 pub mod serve;
 
 /// Turns a constraint violation into the rule it names, for people at a terminal.
@@ -41,4 +44,44 @@ pub fn shutdown_token() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// `--reference` values as a job stores them: https URLs as given, local files stored once (a
+/// content-addressed key), anything else a storage key that must exist. Storage is opened only
+/// when a value needs it.
+pub async fn references(
+    values: &[String],
+    storage: &imagegen::storage::StorageConfig,
+) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    if values.len() > imagegen::openrouter::MAX_REFERENCES {
+        anyhow::bail!(
+            "at most {} --reference images",
+            imagegen::openrouter::MAX_REFERENCES
+        );
+    }
+    let mut out = values.to_vec();
+    let mut opened = None;
+    for (v, stored) in values.iter().zip(out.iter_mut()) {
+        if imagegen::references::is_url(v) {
+            imagegen::references::check_url(v).await?;
+            continue;
+        }
+        let s = match opened.take() {
+            Some(s) => s,
+            None => imagegen::storage::Storage::open(storage).await?,
+        };
+        let path = std::path::Path::new(v);
+        if path.is_file() {
+            *stored = imagegen::references::store_reference(&s, path).await?;
+        } else {
+            let bytes = s
+                .get(v)
+                .await
+                .with_context(|| format!("--reference {v}: neither a file nor a stored object"))?;
+            imagegen::references::check_image(v, &bytes)?;
+        }
+        opened = Some(s);
+    }
+    Ok(out)
 }

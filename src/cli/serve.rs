@@ -1,5 +1,6 @@
 //! `imagegen serve`: the HTTP API (and later the dashboard) without a worker, and the same
-//! server started inside `imagegen worker --http`.
+//! server started inside `imagegen worker --http`. `imagegen serve` also delivers webhooks and
+//! prunes the push tables, as a worker does.
 
 use std::net::SocketAddr;
 
@@ -20,8 +21,13 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
+    pub webhooks: super::deliveries::WebhookArgs,
+    #[command(flatten)]
     pub storage: StorageConfig,
 }
+
+/// How often `imagegen serve` looks for due webhook deliveries without a notification.
+const DELIVERY_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves on the listener [`http::bind`] made until SIGINT/SIGTERM.
 pub async fn run(
@@ -33,8 +39,18 @@ pub async fn run(
         .await
         .context("storage settings")?;
     let shutdown = super::shutdown_token();
+    // Webhooks are delivered by whichever process runs: a worker or this server.
+    let deliverer =
+        super::deliveries::spawn_deliverer(&queue, &args.webhooks, DELIVERY_POLL, shutdown.clone())
+            .await?;
+    let pruner = super::deliveries::spawn_pruner(&queue, &args.webhooks, shutdown.clone());
     let task = start(queue, Some(storage), listener, auth, shutdown)?;
-    task.await.context("the HTTP server task failed")??;
+    let served = task.await.context("the HTTP server task failed")?;
+    if let Some(d) = deliverer {
+        let _ = d.await;
+    }
+    let _ = pruner.await;
+    served?;
     Ok(())
 }
 
@@ -48,7 +64,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<JoinHandle<Result<(), http::HttpError>>> {
     let addr = listener.local_addr().context("listening address")?;
-    let state = HttpState::new(queue, storage, auth);
+    let state = HttpState::new(queue, storage, auth).with_shutdown(&shutdown);
     let router = http::router(state);
     println!("listening on http://{addr}");
     tracing::info!(%addr, "HTTP server listening");

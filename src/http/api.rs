@@ -39,7 +39,7 @@ pub const DEFAULT_PAGE: i64 = 50;
     paths(
         list_jobs, submit_jobs, get_job, retry_job, cancel_job, list_batches, get_batch,
         set_batch_budget, retry_failed, cancel_pending, list_workers, stats, get_daily_budget,
-        set_daily_budget
+        set_daily_budget, super::events::stream_events
     ),
     components(schemas(
         JobView, ImageView, AttemptView, JobList, JobRequest, SubmitBody, SubmittedJob,
@@ -362,6 +362,12 @@ pub struct JobRequest {
     #[serde(default)]
     #[schema(max_items = 8)]
     pub renditions: Vec<String>,
+    /// Up to 4 reference images sent with the prompt (style, logo, product photo): https URLs,
+    /// or keys of objects in the worker's storage. PNG, JPEG, WebP or GIF, 7 MB each
+    /// (`jobs_reference_images_valid`; format and size are checked before the call).
+    #[serde(default)]
+    #[schema(max_items = 4)]
+    pub reference_images: Vec<String>,
 }
 
 impl From<JobRequest> for NewJob {
@@ -379,6 +385,7 @@ impl From<JobRequest> for NewJob {
             metadata: r.metadata,
             callback_url: r.callback_url,
             renditions: r.renditions,
+            reference_images: r.reference_images,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod events;
 pub mod metrics;
 pub mod pages;
 pub mod problem;
@@ -28,6 +29,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::notify::events::EventHub;
 use crate::queue::Queue;
 use crate::storage::Storage;
 use auth::{Auth, AuthArgs, AuthError};
@@ -41,6 +43,9 @@ pub const MAX_QUERY_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a readiness check waits for storage.
 pub const READY_STORAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often event streams read the log without a notification: the safety net for a missed
+/// one, and the only way through a pooler (which cannot LISTEN).
+pub const EVENT_POLL: Duration = Duration::from_secs(2);
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -50,6 +55,15 @@ pub struct HttpState {
     pub storage: Option<Storage>,
     pub exporter: metrics::Exporter,
     pub auth: Auth,
+    /// The event streams' shared listener (`GET /api/v1/events`).
+    pub events: EventHub,
+    /// How often an idle event stream sends a keep-alive comment.
+    pub event_keep_alive: Duration,
+    /// Cancelled when the server shuts down: ends the event streams, which would otherwise hold
+    /// a graceful shutdown open for ever.
+    streams: CancellationToken,
+    /// Stops the hub's listener once the last clone of the state is gone.
+    _hub: std::sync::Arc<tokio_util::sync::DropGuard>,
     /// The dashboard's cached whole-table figures.
     pub totals: pages::TotalsCache,
 }
@@ -64,13 +78,32 @@ impl HttpState {
                 None
             }
         };
+        let streams = CancellationToken::new();
+        let events = EventHub::start(queue.clone(), EVENT_POLL, streams.child_token());
         HttpState {
             exporter: metrics::Exporter::new(queue.clone(), handle),
             queue,
             storage,
             auth,
+            events,
+            event_keep_alive: events::KEEP_ALIVE,
+            _hub: std::sync::Arc::new(streams.clone().drop_guard()),
+            streams,
             totals: pages::TotalsCache::default(),
         }
+    }
+
+    /// Ends the event streams (and the hub) when `shutdown` is cancelled: pass the token given
+    /// to [`serve`], so the graceful shutdown does not wait for streams that never end.
+    pub fn with_shutdown(self, shutdown: &CancellationToken) -> HttpState {
+        let (shutdown, streams) = (shutdown.clone(), self.streams.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => streams.cancel(),
+                _ = streams.cancelled() => {}
+            }
+        });
+        self
     }
 }
 
@@ -126,7 +159,9 @@ pub fn router(state: HttpState) -> Router {
             auth::require_probe,
         ));
     let dashboard = pages::routes(state.clone());
-    let api = api::routes(state).layer(middleware::from_fn_with_state(auth, auth::require));
+    let api = api::routes(state.clone())
+        .route("/events", get(events::stream_events).with_state(state))
+        .layer(middleware::from_fn_with_state(auth, auth::require));
     Router::new()
         .nest("/api/v1", api)
         .merge(probes)

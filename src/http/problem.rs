@@ -199,6 +199,16 @@ impl Problem {
         )
     }
 
+    /// What the client asks to resume from is no longer kept (an event pruned from the log).
+    pub fn gone(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::GONE,
+            "gone",
+            "No longer available",
+            detail.into(),
+        )
+    }
+
     pub fn internal(detail: impl Into<String>) -> Self {
         Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,

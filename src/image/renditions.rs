@@ -35,6 +35,10 @@ pub const DEFAULT_JPEG_QUALITY: u8 = 85;
 /// [`RenditionSettings::webp_quality`]'s default (libwebp's own default is 75; 80 keeps text in
 /// generated headers crisp at a few percent more bytes).
 pub const DEFAULT_WEBP_QUALITY: u8 = 80;
+/// [`RenditionSettings::webp_method`]'s default. libwebp's own default (4) spends about twice
+/// the CPU of 2 for files a few percent smaller; 2 keeps the thumbnail of a 1344x768 original
+/// within its CPU budget (see `imagegen bench renditions`).
+pub const DEFAULT_WEBP_METHOD: u8 = 2;
 /// [`RenditionSettings::max_decode_pixels`]'s default: well above a 4K original (5504x3072,
 /// 17 MP), far below what would exhaust memory with a full pool.
 pub const DEFAULT_MAX_DECODE_PIXELS: u64 = 40_000_000;
@@ -69,6 +73,11 @@ pub struct RenditionSettings {
         value_parser = clap::value_parser!(u8).range(1..=100))]
     pub webp_quality: u8,
 
+    /// Lossy WebP effort, 0 (fastest) to 6 (smallest files), as libwebp's `-m`.
+    #[arg(long = "webp-method", env = "IMAGEGEN_WEBP_METHOD", default_value_t = DEFAULT_WEBP_METHOD,
+        value_parser = clap::value_parser!(u8).range(0..=6))]
+    pub webp_method: u8,
+
     /// Originals with more pixels than this are not decoded (their renditions fail, the job
     /// still succeeds): a hostile or broken answer is an error, never an out-of-memory.
     #[arg(long = "max-decode-pixels", env = "IMAGEGEN_MAX_DECODE_PIXELS",
@@ -83,6 +92,7 @@ impl Default for RenditionSettings {
             no_auto_thumb: false,
             jpeg_quality: DEFAULT_JPEG_QUALITY,
             webp_quality: DEFAULT_WEBP_QUALITY,
+            webp_method: DEFAULT_WEBP_METHOD,
             max_decode_pixels: DEFAULT_MAX_DECODE_PIXELS,
         }
     }
@@ -246,6 +256,7 @@ pub struct Encoded {
 }
 
 /// A decoded original: 8-bit RGB, row by row.
+#[derive(Clone)]
 pub struct Pixels {
     pub width: u32,
     pub height: u32,
@@ -298,18 +309,26 @@ pub fn resize(
     height: u32,
     cover: bool,
 ) -> Result<Pixels, RenditionError> {
+    resize_with(src, width, height, cover, RESIZE_FILTER)
+}
+
+/// The filter of renditions: sharp, and with half the taps of Lanczos3.
+const RESIZE_FILTER: fr::FilterType = fr::FilterType::CatmullRom;
+
+fn resize_with(
+    src: &Pixels,
+    width: u32,
+    height: u32,
+    cover: bool,
+    filter: fr::FilterType,
+) -> Result<Pixels, RenditionError> {
     if (width, height) == (src.width, src.height) {
-        return Ok(Pixels {
-            width,
-            height,
-            rgb: src.rgb.clone(),
-        });
+        return Ok(src.clone());
     }
     let view = fr::images::ImageRef::new(src.width, src.height, &src.rgb, fr::PixelType::U8x3)
         .map_err(|e| RenditionError::Resize(e.to_string()))?;
     let mut dst = fr::images::Image::new(width, height, fr::PixelType::U8x3);
-    let mut options =
-        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    let mut options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter));
     if cover {
         options = options.fit_into_destination(Some((0.5, 0.5)));
     }
@@ -355,8 +374,13 @@ pub fn encode(
             Ok(out)
         }
         ImageFormat::Webp => {
+            let mut config =
+                webp::WebPConfig::new().map_err(|()| fail("libwebp refused its config".into()))?;
+            config.lossless = 0;
+            config.quality = f32::from(settings.webp_quality);
+            config.method = i32::from(settings.webp_method.min(6));
             let mem = webp::Encoder::from_rgb(&px.rgb, px.width, px.height)
-                .encode_simple(false, f32::from(settings.webp_quality))
+                .encode_advanced(&config)
                 .map_err(|e| fail(format!("{e:?}")))?;
             Ok(mem.to_vec())
         }
@@ -370,16 +394,31 @@ pub fn render(
     spec: &Spec,
     settings: &RenditionSettings,
 ) -> Result<Encoded, RenditionError> {
+    render_keeping(src, spec, settings).map(|(encoded, _)| encoded)
+}
+
+/// [`render`], also handing back the resized pixels (`None` when the spec is the original's
+/// own size, so nothing was resized) for the placeholder to reuse.
+fn render_keeping(
+    src: &Pixels,
+    spec: &Spec,
+    settings: &RenditionSettings,
+) -> Result<(Encoded, Option<Pixels>), RenditionError> {
     let (width, height) = spec.output_size(src.width, src.height);
     let cover = matches!(spec.shape, Shape::Cover { .. });
-    let px = resize(src, width, height, cover)?;
-    let bytes = encode(&px, spec.format, settings)?;
-    Ok(Encoded {
+    let resized = if (width, height) == (src.width, src.height) {
+        None
+    } else {
+        Some(resize(src, width, height, cover)?)
+    };
+    let bytes = encode(resized.as_ref().unwrap_or(src), spec.format, settings)?;
+    let encoded = Encoded {
         bytes,
         format: spec.format,
         width,
         height,
-    })
+    };
+    Ok((encoded, resized.filter(|_| !cover)))
 }
 
 /// The ThumbHash of an image (base64, standard alphabet with padding): a blurred preview in
@@ -389,7 +428,8 @@ pub fn placeholder(src: &Pixels) -> Result<String, RenditionError> {
     let scale = f64::from(PLACEHOLDER_MAX_SIDE) / f64::from(src.width.max(src.height));
     let w = ((f64::from(src.width) * scale).round() as u32).clamp(1, PLACEHOLDER_MAX_SIDE);
     let h = ((f64::from(src.height) * scale).round() as u32).clamp(1, PLACEHOLDER_MAX_SIDE);
-    let small = resize(src, w, h, false)?;
+    // A 100 px preview of a blur: the cheapest filter is plenty.
+    let small = resize_with(src, w, h, false, fr::FilterType::Box)?;
     let rgba: Vec<u8> = small
         .rgb
         .chunks_exact(3)
@@ -407,6 +447,9 @@ pub struct Made {
 
 /// Decodes `original` once and makes every spec from it. A decode failure fails every spec
 /// (and leaves no placeholder); otherwise each spec succeeds or fails on its own.
+///
+/// The placeholder is computed from the smallest full-frame rendition made (the thumbnail,
+/// usually) rather than from the original: the same picture, a tenth of the pixels to shrink.
 pub fn make_all(original: &[u8], specs: &[Spec], settings: &RenditionSettings) -> Made {
     let src = match decode(original, settings.max_decode_pixels) {
         Ok(src) => src,
@@ -421,9 +464,25 @@ pub fn make_all(original: &[u8], specs: &[Spec], settings: &RenditionSettings) -
             };
         }
     };
+    let mut smallest: Option<Pixels> = None;
+    let mut renditions = Vec::with_capacity(specs.len());
+    for spec in specs {
+        match render_keeping(&src, spec, settings) {
+            Ok((encoded, resized)) => {
+                if let Some(px) = resized.filter(|p| {
+                    p.width.max(p.height) >= PLACEHOLDER_MAX_SIDE
+                        && smallest.as_ref().is_none_or(|s| p.width < s.width)
+                }) {
+                    smallest = Some(px);
+                }
+                renditions.push(Ok(encoded));
+            }
+            Err(e) => renditions.push(Err(e)),
+        }
+    }
     Made {
-        placeholder: placeholder(&src).ok(),
-        renditions: specs.iter().map(|s| render(&src, s, settings)).collect(),
+        placeholder: placeholder(smallest.as_ref().unwrap_or(&src)).ok(),
+        renditions,
     }
 }
 

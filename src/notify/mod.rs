@@ -8,6 +8,7 @@
 //!   retry with capped jittered backoff for up to a day.
 //! - [`events`]: the transport-independent event stream (LISTEN for wake-ups, the event log for
 //!   the content) that the HTTP server's SSE endpoint serves.
+//! - [`retention`]: prunes old events and finished deliveries.
 //!
 //! It holds no SQL: the outbox and the event log are read and written through
 //! [`crate::queue`].
@@ -15,24 +16,14 @@
 pub mod deliver;
 pub mod events;
 pub mod guard;
+pub mod retention;
 pub mod sign;
 
 use crate::queue::{Queue, QueueError};
 
-/// The body of a job's webhook: the job as one JSON object (its row without the lease, with
-/// its stored images). The one place that decides the shape, so it can become the HTTP API's
-/// job view without touching the delivery code.
+/// The body of a job's webhook: the job exactly as `GET /api/v1/jobs/{id}` returns it
+/// ([`crate::queue::api::JobView`]: URLs, images, renditions, attempts, cost).
 pub async fn webhook_body(queue: &Queue, job_id: i64) -> Result<String, QueueError> {
-    let job = queue.job(job_id).await?;
-    let images = queue.job_images(job_id).await?;
-    let mut value = serde_json::to_value(&job).unwrap_or_default();
-    if let Some(map) = value.as_object_mut() {
-        map.remove("lease_owner");
-        map.remove("lease_expires_at");
-        map.insert(
-            "images".into(),
-            serde_json::to_value(&images).unwrap_or_default(),
-        );
-    }
-    Ok(value.to_string())
+    let job = queue.job_view(job_id).await?;
+    Ok(serde_json::to_string(&job).unwrap_or_default())
 }

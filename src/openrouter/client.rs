@@ -17,7 +17,8 @@ use super::error::{
 };
 use super::models;
 use super::wire::{
-    self, ChatRequest, ChatResponse, Choice, ImageConfig, RequestMessage, WireError, WireUsage,
+    self, ChatRequest, ChatResponse, Choice, Content, ImageConfig, Part, PartUrl, RequestMessage,
+    WireError, WireUsage,
 };
 
 /// OpenRouter's API root; `/chat/completions` is appended.
@@ -34,6 +35,8 @@ pub const DEFAULT_SLOW_MODELS: &[&str] = &[models::PRO_IMAGE];
 /// Largest answer body read: a 4K pro image is about 8 MB (11 MB as base64), so 64 MiB leaves
 /// room for two images while refusing a runaway body.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// The most reference images one request carries (`jobs_reference_images_valid` agrees).
+pub const MAX_REFERENCES: usize = 4;
 /// How many answers may be buffered and decoded at once across all calls of one client. With
 /// the body cap this bounds the memory large answers can take (see [`Config::max_concurrent_bodies`]).
 pub const DEFAULT_MAX_CONCURRENT_BODIES: usize = 16;
@@ -164,7 +167,7 @@ impl Classify for ClientError {
 }
 
 /// One image to generate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ImageRequest {
     /// An OpenRouter model id, e.g. [`models::FLASH_IMAGE`].
     pub model: String,
@@ -174,6 +177,95 @@ pub struct ImageRequest {
     pub aspect_ratio: String,
     /// "1K", "2K" or "4K"; only the pro model uses it. `None` sends nothing (1K).
     pub image_size: Option<String>,
+    /// Reference images sent after the prompt as `image_url` parts (style, logo, product).
+    pub references: Vec<ReferenceImage>,
+}
+
+/// A reference image as the request carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceImage {
+    /// An https URL the provider fetches itself (checked before it gets here).
+    Url(String),
+    /// Image bytes sent inline. Shared: every request with the same reference points at one
+    /// buffer, which goes into the request body as is (see [`DataUrl`]).
+    Data(Arc<DataUrl>),
+}
+
+/// A `data:image/...;base64,...` URL, encoded once. Its `Debug` shows the size, not the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DataUrl {
+    text: bytes::Bytes,
+    format: image::ImageFormat,
+    image_bytes: usize,
+}
+
+impl DataUrl {
+    /// Encodes image bytes whose format was sniffed as `format`.
+    pub fn new(image: &[u8], format: image::ImageFormat) -> DataUrl {
+        use base64::Engine as _;
+        let prefix = format!("data:{};base64,", format.content_type());
+        let mut text = String::with_capacity(prefix.len() + image.len().div_ceil(3) * 4);
+        text.push_str(&prefix);
+        base64::prelude::BASE64_STANDARD.encode_string(image, &mut text);
+        DataUrl {
+            text: bytes::Bytes::from(text),
+            format,
+            image_bytes: image.len(),
+        }
+    }
+
+    /// The URL's text (ASCII: needs no JSON escaping).
+    pub fn as_bytes(&self) -> &bytes::Bytes {
+        &self.text
+    }
+
+    pub fn format(&self) -> image::ImageFormat {
+        self.format
+    }
+
+    /// Size of the image itself, before base64.
+    pub fn image_bytes(&self) -> usize {
+        self.image_bytes
+    }
+}
+
+impl std::fmt::Debug for DataUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DataUrl({}, {} bytes)",
+            self.format.content_type(),
+            self.image_bytes
+        )
+    }
+}
+
+/// What stands in the serialised request for the `i`-th inline reference until the body is
+/// assembled. Found only as a whole JSON string (`"..."`), which a prompt can never produce:
+/// inside a string every quote is escaped.
+fn data_marker(i: usize) -> String {
+    format!("imagegen-inline-reference-{i}")
+}
+
+/// The request body as chunks: the JSON around each inline reference, and the references' own
+/// shared buffers in between, so a reference used by many calls in flight is in memory once.
+fn request_chunks(json: Vec<u8>, data: &[&Arc<DataUrl>]) -> Result<Vec<bytes::Bytes>, String> {
+    let mut chunks = Vec::with_capacity(data.len() * 2 + 1);
+    let json = bytes::Bytes::from(json);
+    let mut at = 0;
+    for (i, d) in data.iter().enumerate() {
+        let marker = format!("\"{}\"", data_marker(i));
+        let found = json[at..]
+            .windows(marker.len())
+            .position(|w| w == marker.as_bytes())
+            .ok_or_else(|| format!("inline reference {i} missing from the request"))?;
+        let start = at + found + 1; // keep the opening quote
+        chunks.push(json.slice(at..start));
+        chunks.push(d.as_bytes().clone());
+        at = start + marker.len() - 2;
+    }
+    chunks.push(json.slice(at..));
+    Ok(chunks)
 }
 
 /// Tokens and cost of one call, as the answer reported them.
@@ -361,11 +453,31 @@ impl Client {
         let inner = &*self.inner;
         let deadline_len = inner.config.deadline_for(&req.model);
         let deadline = tokio::time::Instant::now() + deadline_len;
+        let markers: Vec<String> = (0..req.references.len()).map(data_marker).collect();
+        let mut inline = Vec::new();
+        let content = if req.references.is_empty() {
+            Content::Text(&req.prompt)
+        } else {
+            let mut parts = vec![Part::Text { text: &req.prompt }];
+            for r in &req.references {
+                let url = match r {
+                    ReferenceImage::Url(u) => u.as_str(),
+                    ReferenceImage::Data(d) => {
+                        inline.push(d);
+                        markers[inline.len() - 1].as_str()
+                    }
+                };
+                parts.push(Part::ImageUrl {
+                    image_url: PartUrl { url },
+                });
+            }
+            Content::Parts(parts)
+        };
         let body = ChatRequest {
             model: &req.model,
             messages: [RequestMessage {
                 role: "user",
-                content: &req.prompt,
+                content,
             }],
             modalities: ["image", "text"],
             image_config: ImageConfig {
@@ -376,12 +488,23 @@ impl Client {
         let body = serde_json::to_vec(&body).map_err(|e| {
             CallError::invalid_request(format!("openrouter: encoding request: {e}"))
         })?;
-        let send = inner
+        let request = inner
             .http
             .post(&inner.endpoint)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send();
+            .header(header::CONTENT_TYPE, "application/json");
+        let request = if inline.is_empty() {
+            request.body(body)
+        } else {
+            let chunks = request_chunks(body, &inline).map_err(|e| {
+                CallError::invalid_request(format!("openrouter: assembling request: {e}"))
+            })?;
+            let length: usize = chunks.iter().map(|c| c.len()).sum();
+            let stream = futures::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+            request
+                .header(header::CONTENT_LENGTH, length)
+                .body(reqwest::Body::wrap_stream(stream))
+        };
+        let send = request.send();
         let deadline_error = |status: Option<u16>, id: Option<String>| {
             CallError::new(
                 CallErrorKind::Deadline,
@@ -466,6 +589,12 @@ fn validate(req: &ImageRequest) -> Result<(), CallError> {
             "openrouter: aspect ratio {:?} is not one of {}",
             short_text(&req.aspect_ratio),
             models::ASPECT_RATIOS.join(", ")
+        )));
+    }
+    if req.references.len() > MAX_REFERENCES {
+        return Err(CallError::invalid_request(format!(
+            "openrouter: {} reference images; at most {MAX_REFERENCES} are sent",
+            req.references.len()
         )));
     }
     if let Some(size) = &req.image_size
@@ -862,7 +991,33 @@ mod tests {
             prompt: "a lake".to_owned(),
             aspect_ratio: ratio.to_owned(),
             image_size: size.map(str::to_owned),
+            references: Vec::new(),
         }
+    }
+
+    #[test]
+    fn inline_references_are_spliced_in_as_shared_buffers() {
+        let png = b"\x89PNG\r\n\x1a\nrest";
+        let data = Arc::new(DataUrl::new(png, image::ImageFormat::Png));
+        // A prompt quoting the marker cannot be mistaken for it.
+        let json = serde_json::to_vec(&serde_json::json!({
+            "prompt": "say \"imagegen-inline-reference-0\"",
+            "a": "imagegen-inline-reference-0",
+            "b": "imagegen-inline-reference-1"
+        }))
+        .unwrap();
+        let chunks = request_chunks(json, &[&data, &data]).unwrap();
+        assert_eq!(chunks.len(), 5);
+        // The middle chunks are the shared buffer itself, not copies.
+        assert_eq!(chunks[1].as_ptr(), data.as_bytes().as_ptr());
+        assert_eq!(chunks[3].as_ptr(), data.as_bytes().as_ptr());
+        let body: Vec<u8> = chunks.concat();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let url = v["a"].as_str().unwrap();
+        assert!(url.starts_with("data:image/png;base64,"), "{url}");
+        assert_eq!(v["b"], v["a"]);
+        assert_eq!(v["prompt"], "say \"imagegen-inline-reference-0\"");
+        assert_eq!(format!("{data:?}"), "DataUrl(image/png, 12 bytes)");
     }
 
     #[test]

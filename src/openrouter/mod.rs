@@ -15,5 +15,8 @@ pub mod fake;
 pub mod models;
 mod wire;
 
-pub use client::{Client, ClientError, Config, DEFAULT_BASE_URL, Generation, ImageRequest, Usage};
+pub use client::{
+    Client, ClientError, Config, DEFAULT_BASE_URL, DataUrl, Generation, ImageRequest,
+    MAX_REFERENCES, ReferenceImage, Usage,
+};
 pub use error::{CallError, CallErrorKind};

@@ -21,7 +21,27 @@ pub(crate) struct ChatRequest<'a> {
 #[derive(Debug, Serialize)]
 pub(crate) struct RequestMessage<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    pub content: Content<'a>,
+}
+
+/// A plain prompt, or the prompt then reference images as parts (text first).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub(crate) enum Content<'a> {
+    Text(&'a str),
+    Parts(Vec<Part<'a>>),
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Part<'a> {
+    Text { text: &'a str },
+    ImageUrl { image_url: PartUrl<'a> },
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct PartUrl<'a> {
+    pub url: &'a str,
 }
 
 #[derive(Debug, Serialize)]

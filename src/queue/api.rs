@@ -93,6 +93,16 @@ pub struct JobView {
     /// The worker process holding the job while it runs.
     pub lease_owner: Option<Uuid>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Reference images sent with the prompt: https URLs or storage keys.
+    #[serde(default)]
+    pub reference_images: Vec<String>,
+    /// 1, plus one per regeneration; `images` and `image_urls` are this generation's.
+    #[serde(default = "first_generation")]
+    pub generation: i32,
+}
+
+fn first_generation() -> i32 {
+    1
 }
 
 /// One stored image of a job.
@@ -163,6 +173,8 @@ struct JobBase {
     updated_at: DateTime<Utc>,
     lease_owner: Option<Uuid>,
     lease_expires_at: Option<DateTime<Utc>>,
+    reference_images: Vec<String>,
+    generation: i32,
 }
 
 #[derive(FromRow)]
@@ -434,7 +446,7 @@ const JOB_VIEW_COLUMNS: &str = "id, state, prompt, aspect_ratio, model, image_si
     priority, run_at, idempotency_key, attempts, max_attempts, metadata::text AS metadata, \
     last_error, image_urls, renditions, rendition_urls, rendition_errors, prompt_tokens, \
     completion_tokens, cost_usd, created_at, started_at, finished_at, updated_at, lease_owner, \
-    lease_expires_at";
+    lease_expires_at, reference_images, generation";
 
 /// Today (UTC) as a timestamptz expression.
 const TODAY: &str = "(date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')";
@@ -451,8 +463,16 @@ impl Queue {
     /// Jobs in their outside shape, in the order of `ids` (missing ids are left out). Three
     /// statements however many jobs.
     pub async fn job_views(&self, ids: &[i64]) -> Result<Vec<JobView>> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(load_views(&mut conn, ids).await?)
+        if self.keep_statements() {
+            let mut conn = self.pool.acquire().await?;
+            return Ok(load_views(&mut conn, ids, true).await?);
+        }
+        // Through a pooler (the webhook body is read here): the three statements pinned to one
+        // server by a transaction, and unnamed (see `pooled`).
+        let mut tx = self.pool.begin().await?;
+        let views = load_views(&mut tx, ids, false).await?;
+        tx.commit().await?;
+        Ok(views)
     }
 
     /// A page of jobs matching `filter`, continuing after `after` (the `next_after` of the
@@ -535,7 +555,7 @@ impl Queue {
         let mut ids: Vec<i64> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
         let more = ids.len() as i64 > limit;
         ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let jobs = load_views(&mut tx, &ids).await?;
+        let jobs = load_views(&mut tx, &ids, self.keep_statements()).await?;
         tx.commit().await?;
         Ok(JobPage {
             next_after: if more { ids.last().copied() } else { None },
@@ -558,9 +578,9 @@ impl Queue {
             let inserted: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, \
                      priority, run_at, idempotency_key, max_attempts, metadata, callback_url, \
-                     renditions) \
+                     renditions, reference_images) \
                  VALUES ($1, COALESCE($2, $11), COALESCE($3, $12), $4, $5, COALESCE($6, $13), \
-                     COALESCE($7, now()), $8, COALESCE($9, $14), $10, $15, $16) \
+                     COALESCE($7, now()), $8, COALESCE($9, $14), $10, $15, $16, $17) \
                  ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             )
             .bind(&job.prompt)
@@ -579,6 +599,7 @@ impl Queue {
             .bind(DEFAULT_MAX_ATTEMPTS)
             .bind(&job.callback_url)
             .bind(&job.renditions)
+            .bind(&job.reference_images)
             .fetch_optional(&mut *tx)
             .await
             .map_err(item)?;
@@ -595,7 +616,8 @@ impl Queue {
                      AND max_attempts = COALESCE($8, $14) \
                      AND metadata IS NOT DISTINCT FROM $9 \
                      AND ($10::timestamptz IS NULL OR run_at = $10) \
-                     AND callback_url IS NOT DISTINCT FROM $15 AND renditions = $16) IS TRUE \
+                     AND callback_url IS NOT DISTINCT FROM $15 AND renditions = $16 \
+                     AND reference_images = $17) IS TRUE \
                  FROM imagegen.jobs WHERE idempotency_key = $1",
             )
             .bind(&key)
@@ -614,6 +636,7 @@ impl Queue {
             .bind(DEFAULT_MAX_ATTEMPTS)
             .bind(&job.callback_url)
             .bind(&job.renditions)
+            .bind(&job.reference_images)
             .fetch_one(&mut *tx)
             .await
             .map_err(item)?;
@@ -627,7 +650,7 @@ impl Queue {
             ids.push((id, false));
         }
         let only: Vec<i64> = ids.iter().map(|(id, _)| *id).collect();
-        let views = load_views(&mut tx, &only).await?;
+        let views = load_views(&mut tx, &only, self.keep_statements()).await?;
         tx.commit().await?;
         let by_id: HashMap<i64, JobView> = views.into_iter().map(|v| (v.id, v)).collect();
         Ok(ids
@@ -841,9 +864,11 @@ fn batch_sql(condition: &str) -> String {
     )
 }
 
+/// `persistent`: whether the statements may stay prepared on the server (not through a pooler).
 async fn load_views(
     conn: &mut sqlx::PgConnection,
     ids: &[i64],
+    persistent: bool,
 ) -> std::result::Result<Vec<JobView>, sqlx::Error> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -851,6 +876,7 @@ async fn load_views(
     let bases: Vec<JobBase> = sqlx::query_as(&format!(
         "SELECT {JOB_VIEW_COLUMNS} FROM imagegen.jobs WHERE id = ANY($1)"
     ))
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
@@ -859,13 +885,18 @@ async fn load_views(
              prompt_tokens, completion_tokens, image_tokens, cost_usd, generation_id, duration_ms \
          FROM imagegen.attempts WHERE job_id = ANY($1) ORDER BY job_id, id",
     )
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
     let images: Vec<JobImage> = sqlx::query_as(
-        "SELECT job_id, idx, key, url, content_type, bytes, width, height, sha256, placeholder \
-         FROM imagegen.images WHERE job_id = ANY($1) ORDER BY job_id, idx",
+        "SELECT i.job_id, i.idx, i.key, i.url, i.content_type, i.bytes, i.width, i.height, \
+             i.sha256, i.placeholder \
+         FROM imagegen.images i JOIN imagegen.jobs j ON j.id = i.job_id \
+             AND j.generation = i.generation \
+         WHERE i.job_id = ANY($1) ORDER BY i.job_id, i.idx",
     )
+    .persistent(persistent)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
@@ -912,6 +943,8 @@ async fn load_views(
                 updated_at: b.updated_at,
                 lease_owner: b.lease_owner,
                 lease_expires_at: b.lease_expires_at,
+                reference_images: b.reference_images,
+                generation: b.generation,
             };
             (view.id, view)
         })

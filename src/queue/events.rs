@@ -130,4 +130,62 @@ impl Queue {
         };
         Ok(events)
     }
+
+    /// Deletes events, and deliveries that are done (delivered or failed), older than
+    /// `older_than`: one round of the retention (`notify::retention`). Events go oldest id first
+    /// (the primary key, so a round walks a few index pages, not the table) in chunks of `chunk`,
+    /// each its own statement, until a chunk finds fewer to delete. The outbox is small (only
+    /// jobs with a callback) and is filtered directly.
+    pub async fn prune_push(&self, older_than: std::time::Duration, chunk: i64) -> Result<Pruned> {
+        let ms = i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let chunk = chunk.max(1);
+        let mut pruned = Pruned::default();
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                // The oldest by id are (nearly) the oldest by time: once a chunk of them is not
+                // all old, what is left is young.
+                "WITH oldest AS ( \
+                     SELECT id, created_at FROM imagegen.events ORDER BY id LIMIT $2), \
+                 gone AS (DELETE FROM imagegen.events e USING oldest o WHERE e.id = o.id \
+                     AND o.created_at < now() - $1 * interval '1 millisecond' RETURNING 1) \
+                 SELECT count(*) FROM gone",
+            )
+            .bind(ms)
+            .bind(chunk)
+            .fetch_one(self.db())
+            .await?;
+            pruned.events += u64::try_from(n).unwrap_or(0);
+            if n < chunk {
+                break;
+            }
+        }
+        loop {
+            let n: i64 = sqlx::query_scalar(
+                "WITH oldest AS ( \
+                     SELECT id FROM imagegen.deliveries \
+                     WHERE state IN ('delivered', 'failed') \
+                       AND updated_at < now() - $1 * interval '1 millisecond' \
+                     ORDER BY id LIMIT $2), \
+                 gone AS (DELETE FROM imagegen.deliveries d USING oldest o WHERE d.id = o.id \
+                     RETURNING 1) \
+                 SELECT count(*) FROM gone",
+            )
+            .bind(ms)
+            .bind(chunk)
+            .fetch_one(self.db())
+            .await?;
+            pruned.deliveries += u64::try_from(n).unwrap_or(0);
+            if n < chunk {
+                break;
+            }
+        }
+        Ok(pruned)
+    }
+}
+
+/// What one retention round deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub events: u64,
+    pub deliveries: u64,
 }

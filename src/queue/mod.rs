@@ -32,12 +32,17 @@ use uuid::Uuid;
 use crate::error::{Classify, ErrorClass};
 
 pub mod api;
+pub mod batches;
 pub mod pages;
 pub mod renditions;
 pub use renditions::{Fence, RenditionRecord, RenditionRow, RenditionTarget, Selection};
 pub mod deliveries;
 pub mod events;
+pub mod generations;
 mod pooled;
+pub mod prune;
+pub use generations::Regenerated;
+pub use prune::{PruneChunk, PruneCount, PruneFilter};
 
 use pooled::Db;
 
@@ -101,6 +106,11 @@ pub struct Job {
     pub has_paid_images: bool,
     /// The rendition specs the app asked for (checked by `jobs_renditions_valid`).
     pub renditions: Vec<String>,
+    /// Reference images sent with the prompt: https URLs or storage keys
+    /// (`jobs_reference_images_valid`).
+    pub reference_images: Vec<String>,
+    /// Which generation this attempt makes (1 until the job is regenerated); part of its keys.
+    pub generation: i32,
 }
 
 impl Job {
@@ -137,6 +147,8 @@ pub struct NewJob {
     pub callback_url: Option<String>,
     /// Rendition specs (`og`, `thumb`, `webp`, `WxH.fmt`, `Ww.fmt`; `jobs_renditions_valid`).
     pub renditions: Vec<String>,
+    /// Up to 4 reference images: https URLs or storage keys (`jobs_reference_images_valid`).
+    pub reference_images: Vec<String>,
 }
 
 /// What one attempt reported, whatever its outcome: billed failures are recorded too.
@@ -333,6 +345,27 @@ pub struct ClaimFilter {
     pub skip: Vec<String>,
 }
 
+/// What is left in the queue, for `worker --exit-when-idle` (see [`Queue::work_left`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+pub struct WorkLeft {
+    /// Pending and due now.
+    pub due: i64,
+    pub running: i64,
+    /// Pending, waiting for a retry a transient failure scheduled.
+    pub retrying: i64,
+    /// Pending, scheduled for later by whoever enqueued them (`run_at`).
+    pub scheduled: i64,
+    /// Pending in a batch stopped at its budget.
+    pub budget_stopped: i64,
+}
+
+impl WorkLeft {
+    /// Something is due now or soon: a worker asked to exit when idle keeps running.
+    pub fn soon(&self) -> bool {
+        self.due > 0 || self.running > 0 || self.retrying > 0
+    }
+}
+
 /// Whether an enqueue made a new row or found one with the same idempotency key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
@@ -348,7 +381,8 @@ pub struct Enqueued {
 // to complete 500 jobs with 500 running, against 17 ms through the primary key.
 
 const JOB_COLUMNS: &str = "id, prompt, aspect_ratio, model, image_size, batch, priority, attempts, \
-                           max_attempts, metadata, lease_owner, started_at, renditions";
+                           max_attempts, metadata, lease_owner, started_at, renditions, \
+                           reference_images, generation";
 
 /// The queue: a handle on the pool, with one method per state change.
 #[derive(Debug, Clone)]
@@ -419,9 +453,11 @@ impl Queue {
     pub async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 run_at, idempotency_key, max_attempts, metadata, callback_url, renditions) \
+                 run_at, idempotency_key, max_attempts, metadata, callback_url, renditions, \
+                 reference_images) \
              VALUES ($1, COALESCE($2, '16:9'), COALESCE($3, 'google/gemini-2.5-flash-image'), $4, \
-                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10, $11, $12) \
+                 $5, COALESCE($6, 0), COALESCE($7, now()), $8, COALESCE($9, 3), $10, $11, $12, \
+                 $13) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(&job.prompt)
@@ -436,6 +472,7 @@ impl Queue {
         .bind(&job.metadata)
         .bind(&job.callback_url)
         .bind(&job.renditions)
+        .bind(&job.reference_images)
         .fetch_optional(self.db())
         .await?;
         if let Some(id) = inserted {
@@ -466,6 +503,8 @@ impl Queue {
         let mut callbacks = Vec::with_capacity(jobs.len());
         // Comma-joined: Postgres arrays of arrays must be rectangular, and no spec holds a comma.
         let mut renditions = Vec::with_capacity(jobs.len());
+        // Newline-joined, for the same reason: neither a URL nor a key holds one.
+        let mut references = Vec::with_capacity(jobs.len());
         for j in jobs {
             prompts.push(j.prompt.clone());
             ratios.push(j.aspect_ratio.clone());
@@ -478,16 +517,19 @@ impl Queue {
             metadata.push(j.metadata.clone());
             callbacks.push(j.callback_url.clone());
             renditions.push(j.renditions.join(","));
+            references.push(j.reference_images.join("\n"));
         }
         let done = sqlx::query(
             "INSERT INTO imagegen.jobs (prompt, aspect_ratio, model, image_size, batch, priority, \
-                 idempotency_key, max_attempts, metadata, callback_url, renditions) \
+                 idempotency_key, max_attempts, metadata, callback_url, renditions, \
+                 reference_images) \
              SELECT p, COALESCE(r, '16:9'), COALESCE(m, 'google/gemini-2.5-flash-image'), s, b, \
                  COALESCE(pr, 0), k, COALESCE(ma, 3), md, cb, \
-                 COALESCE(string_to_array(NULLIF(rs, ''), ','), '{}') \
+                 COALESCE(string_to_array(NULLIF(rs, ''), ','), '{}'), \
+                 COALESCE(string_to_array(NULLIF(rf, ''), E'\\n'), '{}') \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], \
-                 $7::text[], $8::int[], $9::jsonb[], $10::text[], $11::text[]) \
-                 AS t(p, r, m, s, b, pr, k, ma, md, cb, rs) \
+                 $7::text[], $8::int[], $9::jsonb[], $10::text[], $11::text[], $12::text[]) \
+                 AS t(p, r, m, s, b, pr, k, ma, md, cb, rs, rf) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(&prompts)
@@ -501,6 +543,7 @@ impl Queue {
         .bind(&metadata)
         .bind(&callbacks)
         .bind(&renditions)
+        .bind(&references)
         .execute(self.db())
         .await?;
         Ok(done.rows_affected())
@@ -545,10 +588,10 @@ impl Queue {
                  LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE imagegen.jobs j SET state = 'running', attempts = j.attempts + 1, \
                  lease_owner = $1, lease_expires_at = now() + $3 * interval '1 millisecond', \
-                 started_at = now(), updated_at = now() \
+                 started_at = now(), updated_at = now(), retry_pending = false \
              FROM picked WHERE j.id = picked.id \
-             RETURNING {}, EXISTS (SELECT 1 FROM imagegen.paid_images p WHERE p.job_id = j.id) \
-                 AS has_paid_images",
+             RETURNING {}, EXISTS (SELECT 1 FROM imagegen.paid_images p WHERE p.job_id = j.id \
+                 AND p.generation = j.generation) AS has_paid_images",
             JOB_COLUMNS
                 .split(", ")
                 .map(|c| format!("j.{c}"))
@@ -690,27 +733,27 @@ impl Queue {
                          THEN now() + c.delay_ms * interval '1 millisecond' ELSE j.run_at END, \
                      finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN now() END, \
                      lease_owner = NULL, lease_expires_at = NULL, reserved_usd = NULL, \
-                     updated_at = now() \
+                     retry_pending = (c.outcome = 'retry'), updated_at = now() \
                  FROM c \
                  WHERE j.id = c.id AND (j.state = 'running') IS TRUE \
                    AND j.lease_owner = c.worker \
                    AND j.attempts = c.attempt \
-                 RETURNING j.id), \
+                 RETURNING j.id, j.generation), \
              logged AS ( \
                  INSERT INTO imagegen.attempts (job_id, attempt, worker_id, started_at, outcome, \
                      error, http_status, prompt_tokens, completion_tokens, image_tokens, cost_usd, \
-                     generation_id, duration_ms) \
+                     generation_id, duration_ms, generation) \
                  SELECT c.id, c.attempt, c.worker, c.started, c.outcome, c.error, c.status, c.ptok, \
-                     c.ctok, c.itok, c.cost, c.gen, c.duration_ms \
+                     c.ctok, c.itok, c.cost, c.gen, c.duration_ms, done.generation \
                  FROM c JOIN done ON done.id = c.id), \
              stored AS ( \
                  INSERT INTO imagegen.images (job_id, idx, key, url, content_type, bytes, width, \
-                     height, sha256) \
-                 SELECT i.* FROM UNNEST($18::bigint[], $19::int[], $20::text[], $21::text[], \
-                     $22::text[], $23::bigint[], $24::int[], $25::int[], $26::text[]) \
+                     height, sha256, generation) \
+                 SELECT i.*, done.generation FROM UNNEST($18::bigint[], $19::int[], $20::text[], \
+                     $21::text[], $22::text[], $23::bigint[], $24::int[], $25::int[], $26::text[]) \
                      AS i(job_id, idx, key, url, content_type, bytes, width, height, sha256) \
                  JOIN done ON done.id = i.job_id \
-                 ON CONFLICT (job_id, idx) DO UPDATE SET key = EXCLUDED.key, url = EXCLUDED.url, \
+                 ON CONFLICT (job_id, generation, idx) DO UPDATE SET key = EXCLUDED.key, url = EXCLUDED.url, \
                      content_type = EXCLUDED.content_type, bytes = EXCLUDED.bytes, \
                      width = EXCLUDED.width, height = EXCLUDED.height, sha256 = EXCLUDED.sha256) \
              SELECT id FROM done",
@@ -767,7 +810,7 @@ impl Queue {
                          || j.attempts || ' (crashed, killed or cut off)', \
                      finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END, \
                      run_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
-                     reserved_usd = NULL, updated_at = now() \
+                     reserved_usd = NULL, retry_pending = false, updated_at = now() \
                  FROM expired e WHERE j.id = e.id \
                  RETURNING j.id, j.attempts, j.last_error), \
              logged AS ( \
@@ -819,7 +862,7 @@ impl Queue {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE imagegen.jobs SET state = 'pending', attempts = 0, run_at = now(), \
-                 finished_at = NULL, updated_at = now() \
+                 finished_at = NULL, retry_pending = false, updated_at = now() \
              WHERE id = $1 AND state IN ('failed', 'cancelled')",
         )
         .bind(id)
@@ -842,7 +885,7 @@ impl Queue {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE imagegen.jobs SET state = 'pending', attempts = 0, run_at = now(), \
-                 finished_at = NULL, updated_at = now() \
+                 finished_at = NULL, retry_pending = false, updated_at = now() \
              WHERE state = 'failed' AND ($1::text IS NULL OR batch = $1)",
         )
         .bind(batch)
@@ -879,8 +922,10 @@ impl Queue {
     /// The stored images of one job, in order.
     pub async fn job_images(&self, id: i64) -> Result<Vec<ImageRow>> {
         Ok(sqlx::query_as(
-            "SELECT idx, key, url, content_type, bytes, width, height, sha256 \
-             FROM imagegen.images WHERE job_id = $1 ORDER BY idx",
+            "SELECT i.idx, i.key, i.url, i.content_type, i.bytes, i.width, i.height, i.sha256 \
+             FROM imagegen.images i JOIN imagegen.jobs j ON j.id = i.job_id \
+                 AND j.generation = i.generation \
+             WHERE i.job_id = $1 ORDER BY i.idx",
         )
         .bind(id)
         .fetch_all(self.db())
@@ -912,17 +957,26 @@ impl Queue {
         .await?)
     }
 
-    /// True when nothing is left to do anywhere (in `batch`, if given): no pending job is due
-    /// and no job is running (a job still leased by a dead worker counts as running: it will be
-    /// rescued). Jobs scheduled for later do not count.
-    pub async fn idle_everywhere(&self, batch: Option<&str>) -> Result<bool> {
-        Ok(sqlx::query_scalar(
-            "SELECT NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'pending' \
-                 AND run_at <= now() AND ($1::text IS NULL OR batch = $1)) \
-             AND NOT EXISTS (SELECT 1 FROM imagegen.jobs WHERE state = 'running' \
-                 AND ($1::text IS NULL OR batch = $1))",
+    /// What is left to do (in `only`, if given), as `worker --exit-when-idle` judges it. Jobs of
+    /// the `stopped` batches (their budget is spent) count apart: they keep no worker running.
+    /// A job still leased by a dead worker counts as running: it will be rescued.
+    pub async fn work_left(&self, only: Option<&str>, stopped: &[String]) -> Result<WorkLeft> {
+        Ok(sqlx::query_as(
+            "SELECT \
+                 count(*) FILTER (WHERE state = 'pending' AND run_at <= now() AND NOT s) AS due, \
+                 count(*) FILTER (WHERE state = 'running') AS running, \
+                 count(*) FILTER (WHERE state = 'pending' AND retry_pending AND run_at > now() \
+                     AND NOT s) AS retrying, \
+                 count(*) FILTER (WHERE state = 'pending' AND NOT retry_pending \
+                     AND run_at > now() AND NOT s) AS scheduled, \
+                 count(*) FILTER (WHERE state = 'pending' AND s) AS budget_stopped \
+             FROM (SELECT state, run_at, retry_pending, \
+                       COALESCE(batch = ANY($2::text[]), false) AS s \
+                   FROM imagegen.jobs WHERE state IN ('pending', 'running') \
+                     AND ($1::text IS NULL OR batch = $1)) AS j",
         )
-        .bind(batch)
+        .bind(only)
+        .bind(stopped)
         .fetch_one(self.db())
         .await?)
     }
@@ -997,6 +1051,7 @@ impl Queue {
     pub async fn stash_images(
         &self,
         job_id: i64,
+        generation: i32,
         images: &[Vec<u8>],
         generation_id: Option<&str>,
     ) -> Result<()> {
@@ -1004,26 +1059,31 @@ impl Queue {
             .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
             .collect();
         sqlx::query(
-            "INSERT INTO imagegen.paid_images (job_id, idx, data, generation_id) \
-             SELECT $1, i, d, $4 FROM UNNEST($2::int[], $3::bytea[]) AS t(i, d) \
+            "INSERT INTO imagegen.paid_images (job_id, idx, data, generation_id, generation) \
+             SELECT $1, i, d, $4, $5 FROM UNNEST($2::int[], $3::bytea[]) AS t(i, d) \
              ON CONFLICT (job_id, idx) DO UPDATE SET data = EXCLUDED.data, \
-                 generation_id = EXCLUDED.generation_id, created_at = now()",
+                 generation_id = EXCLUDED.generation_id, generation = EXCLUDED.generation, \
+                 created_at = now()",
         )
         .bind(job_id)
         .bind(&idx)
         .bind(images)
         .bind(generation_id)
+        .bind(generation)
         .execute(self.db())
         .await?;
         Ok(())
     }
 
-    /// The images a previous attempt of this job paid for but did not store, in order.
-    pub async fn stashed_images(&self, job_id: i64) -> Result<Vec<Vec<u8>>> {
+    /// The images a previous attempt of this generation of this job paid for but did not store,
+    /// in order. Another generation's are never returned: they belong to an older prompt.
+    pub async fn stashed_images(&self, job_id: i64, generation: i32) -> Result<Vec<Vec<u8>>> {
         Ok(sqlx::query_scalar(
-            "SELECT data FROM imagegen.paid_images WHERE job_id = $1 ORDER BY idx",
+            "SELECT data FROM imagegen.paid_images WHERE job_id = $1 AND generation = $2 \
+             ORDER BY idx",
         )
         .bind(job_id)
+        .bind(generation)
         .fetch_all(self.db())
         .await?)
     }

@@ -69,7 +69,6 @@ pub struct Tile {
     pub attempts: i32,
     pub max_attempts: i32,
     pub updated_at: DateTime<Utc>,
-    pub images: i64,
     /// The first original's size and ThumbHash.
     pub width: Option<i32>,
     pub height: Option<i32>,
@@ -117,12 +116,14 @@ pub struct MediaObject {
 
 const TILE_COLUMNS: &str = "j.id, j.state, j.prompt, j.idempotency_key, j.last_error, \
     j.batch_seq, j.attempts, j.max_attempts, j.updated_at, \
-    (SELECT count(*) FROM imagegen.images c WHERE c.job_id = j.id) AS images, \
     i.width, i.height, i.placeholder, r.width AS thumb_width, r.height AS thumb_height, \
     r.key AS thumb_key, r.sha256 AS thumb_sha256";
 
-const TILE_JOINS: &str = "LEFT JOIN imagegen.images i ON i.job_id = j.id AND i.idx = 0 \
-    LEFT JOIN imagegen.renditions r ON r.job_id = j.id AND r.idx = 0 AND r.spec = 'thumb'";
+/// The current generation's first image and its thumbnail (earlier generations are history).
+const TILE_JOINS: &str = "LEFT JOIN imagegen.images i ON i.job_id = j.id \
+        AND i.generation = j.generation AND i.idx = 0 \
+    LEFT JOIN imagegen.renditions r ON r.job_id = j.id AND r.generation = j.generation \
+        AND r.idx = 0 AND r.spec = 'thumb'";
 
 impl Queue {
     /// Jobs per state and spend, over the whole table and per batch, in one grouped scan.
@@ -307,11 +308,13 @@ impl Queue {
         spec: &str,
     ) -> Result<Option<MediaObject>> {
         let sql = if spec == "original" {
-            "SELECT key, url, content_type, bytes, sha256 FROM imagegen.images \
-             WHERE job_id = $1 AND idx = $2"
+            "SELECT i.key, i.url, i.content_type, i.bytes, i.sha256 FROM imagegen.images i \
+             JOIN imagegen.jobs j ON j.id = i.job_id AND j.generation = i.generation \
+             WHERE i.job_id = $1 AND i.idx = $2"
         } else {
-            "SELECT key, url, content_type, bytes, sha256 FROM imagegen.renditions \
-             WHERE job_id = $1 AND idx = $2 AND spec = $3"
+            "SELECT r.key, r.url, r.content_type, r.bytes, r.sha256 FROM imagegen.renditions r \
+             JOIN imagegen.jobs j ON j.id = r.job_id AND j.generation = r.generation \
+             WHERE r.job_id = $1 AND r.idx = $2 AND r.spec = $3"
         };
         Ok(sqlx::query_as(sql)
             .bind(job_id)

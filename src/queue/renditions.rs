@@ -63,6 +63,8 @@ pub struct RenditionTarget {
     pub image_urls: Vec<String>,
     pub renditions: Vec<String>,
     pub rendition_urls: serde_json::Value,
+    /// Which generation's originals the renditions are made of.
+    pub generation: i32,
 }
 
 impl Queue {
@@ -93,24 +95,24 @@ impl Queue {
                      updated_at = now() \
                  WHERE j.id = $1 AND CASE WHEN $2::uuid IS NULL THEN j.state = 'succeeded' \
                      ELSE j.state = 'running' AND j.lease_owner = $2 AND j.attempts = $3 END \
-                 RETURNING j.id), \
+                 RETURNING j.id, j.generation), \
              placed AS ( \
                  INSERT INTO imagegen.images (job_id, idx, key, url, content_type, bytes, width, \
-                     height, sha256, placeholder) \
-                 SELECT job.id, p.* FROM job, UNNEST($8::int[], $19::text[], $20::text[], \
+                     height, sha256, placeholder, generation) \
+                 SELECT job.id, p.*, job.generation FROM job, UNNEST($8::int[], $19::text[], $20::text[], \
                      $21::text[], $22::bigint[], $23::int[], $24::int[], $25::text[], \
                      $9::text[]) AS p(idx, key, url, content_type, bytes, width, height, sha256, \
                      placeholder) \
-                 ON CONFLICT (job_id, idx) DO UPDATE SET \
+                 ON CONFLICT (job_id, generation, idx) DO UPDATE SET \
                      placeholder = COALESCE(EXCLUDED.placeholder, imagegen.images.placeholder)), \
              stored AS ( \
                  INSERT INTO imagegen.renditions (job_id, idx, spec, key, url, content_type, \
-                     bytes, width, height, sha256) \
-                 SELECT job.id, r.* FROM job, UNNEST($10::int[], $11::text[], $12::text[], \
+                     bytes, width, height, sha256, generation) \
+                 SELECT job.id, r.*, job.generation FROM job, UNNEST($10::int[], $11::text[], $12::text[], \
                      $13::text[], $14::text[], $15::bigint[], $16::int[], $17::int[], \
                      $18::text[]) AS r(idx, spec, key, url, content_type, bytes, width, height, \
                      sha256) \
-                 ON CONFLICT (job_id, idx, spec) DO UPDATE SET key = EXCLUDED.key, \
+                 ON CONFLICT (job_id, generation, idx, spec) DO UPDATE SET key = EXCLUDED.key, \
                      url = EXCLUDED.url, content_type = EXCLUDED.content_type, \
                      bytes = EXCLUDED.bytes, width = EXCLUDED.width, height = EXCLUDED.height, \
                      sha256 = EXCLUDED.sha256, created_at = now()) \
@@ -185,7 +187,8 @@ impl Queue {
     ) -> Result<Vec<RenditionTarget>> {
         let (job, batch, all) = selection_params(selection);
         Ok(sqlx::query_as(
-            "SELECT j.id, j.batch, j.model, j.image_urls, j.renditions, j.rendition_urls \
+            "SELECT j.id, j.batch, j.model, j.image_urls, j.renditions, j.rendition_urls, \
+                 j.generation \
              FROM imagegen.jobs j \
              WHERE j.state = 'succeeded' AND NOT j.rendition_urls ?& $4::text[] \
                AND ($3 OR j.id = $1 OR j.batch = $2) AND j.id > $5 \
@@ -204,8 +207,11 @@ impl Queue {
     /// The rendition rows of one job, by original then spec.
     pub async fn job_renditions(&self, job_id: i64) -> Result<Vec<RenditionRow>> {
         Ok(sqlx::query_as(
-            "SELECT idx, spec, key, url, content_type, bytes, width, height, sha256 \
-             FROM imagegen.renditions WHERE job_id = $1 ORDER BY idx, spec",
+            "SELECT r.idx, r.spec, r.key, r.url, r.content_type, r.bytes, r.width, r.height, \
+                 r.sha256 \
+             FROM imagegen.renditions r JOIN imagegen.jobs j ON j.id = r.job_id \
+                 AND j.generation = r.generation \
+             WHERE r.job_id = $1 ORDER BY r.idx, r.spec",
         )
         .bind(job_id)
         .fetch_all(self.db())

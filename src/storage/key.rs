@@ -5,9 +5,10 @@
 //! A key is `[{batch}/]{job_id}-{index}.{ext}` for an original and
 //! `[{batch}/]{job_id}-{index}.{spec}.{ext}` for a rendition of it (`{spec}` is the spec's key
 //! token: `og`, `thumb`, `webp`, `1200x630-webp`), relative to the storage root (the bucket prefix
-//! or the directory). A regenerated picture (generation `g` > 0) gets `{job_id}-g{g}-{index}...`,
-//! so a CDN never serves an old picture under a new one's URL; generation 0 is the plain form
-//! above, which is every key made so far. [`parse_file_name`] reads any of them back, so code
+//! or the directory). A regenerated picture (the job's `generation` `g` > 1) gets
+//! `{job_id}-g{g}-{index}...`, so a CDN never serves an old picture under a new one's URL and the
+//! old one stays as history; generation 1 is the plain form above, which is every key made
+//! before regeneration existed. [`parse_file_name`] reads any of them back, so code
 //! that finds objects by listing (the recovery of paid images) can tell an original from a
 //! rendition by structure, never by guessing. Invariants the rest of the module relies on:
 //! - Keys contain only `[A-Za-z0-9._-]` and `/`, never an empty, `.` or `..` segment, never a
@@ -36,9 +37,23 @@ pub const MAX_KEY_LEN: usize = 512;
 /// The extension follows the sniffed format, so a retry that gets a different format from the
 /// provider writes a second object; the row only ever records the last one.
 pub fn object_key(batch: Option<&str>, job_id: i64, index: usize, format: ImageFormat) -> String {
+    generation_key(batch, job_id, FIRST_GENERATION, index, format)
+}
+
+/// The generation every job starts at (`jobs.generation`'s default); its keys are the plain ones.
+pub const FIRST_GENERATION: u32 = 1;
+
+/// [`object_key`] for generation `generation` of the job (1 gives the same key).
+pub fn generation_key(
+    batch: Option<&str>,
+    job_id: i64,
+    generation: u32,
+    index: usize,
+    format: ImageFormat,
+) -> String {
     with_batch(
         batch,
-        format!("{}.{}", stem(job_id, 0, index), format.extension()),
+        format!("{}.{}", stem(job_id, generation, index), format.extension()),
     )
 }
 
@@ -63,9 +78,9 @@ pub fn rendition_key(
     )
 }
 
-/// `{job_id}-{index}` for generation 0, `{job_id}-g{generation}-{index}` after.
+/// `{job_id}-{index}` for the first generation, `{job_id}-g{generation}-{index}` after.
 fn stem(job_id: i64, generation: u32, index: usize) -> String {
-    if generation == 0 {
+    if generation <= FIRST_GENERATION {
         format!("{job_id}-{index}")
     } else {
         format!("{job_id}-g{generation}-{index}")
@@ -107,10 +122,10 @@ pub fn parse_file_name(name: &str) -> Option<ParsedName> {
             let g: u32 = canonical(g)?;
             (g, i)
         }
-        None => (0, rest),
+        None => (FIRST_GENERATION, rest),
     };
-    if generation == 0 && rest.starts_with('g') {
-        // `g0` is never written: generation 0 has the plain form.
+    if generation <= FIRST_GENERATION && rest.starts_with('g') {
+        // `g0` and `g1` are never written: the first generation has the plain form.
         return None;
     }
     let token_ok =
@@ -248,7 +263,7 @@ mod tests {
 
     #[test]
     fn rendition_keys_extend_the_scheme_and_parse_back() {
-        let og = rendition_key(Some("spring"), 42, 0, 1, "og", ImageFormat::Jpeg);
+        let og = rendition_key(Some("spring"), 42, 1, 1, "og", ImageFormat::Jpeg);
         assert_eq!(og, "spring/42-1.og.jpg");
         assert_eq!(
             rendition_key(None, 42, 3, 0, "1200x630-webp", ImageFormat::Webp),
@@ -259,7 +274,7 @@ mod tests {
             name(&og),
             Some(ParsedName {
                 job_id: 42,
-                generation: 0,
+                generation: 1,
                 index: 1,
                 rendition: Some("og".into()),
                 extension: "jpg".into()
@@ -269,11 +284,20 @@ mod tests {
         assert_eq!((original.index, original.rendition), (10, None));
         let g = name("42-g2-0.png").unwrap();
         assert_eq!((g.generation, g.index, g.rendition), (2, 0, None));
+        assert_eq!(
+            generation_key(Some("b"), 42, 2, 0, ImageFormat::Png),
+            "b/42-g2-0.png"
+        );
+        assert_eq!(
+            generation_key(Some("b"), 42, 1, 0, ImageFormat::Png),
+            object_key(Some("b"), 42, 0, ImageFormat::Png)
+        );
         for bad in [
             "42-0",
             "42-01.png",
             "042-0.png",
             "42-g0-0.png",
+            "42-g1-0.png",
             "42--0.png",
             "x-0.png",
             "42-0.a.b.png",

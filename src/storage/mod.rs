@@ -36,7 +36,10 @@ use clap::ArgAction;
 use crate::error::{Classify, ErrorClass};
 use crate::image::{DecodedImage, ImageFormat};
 
-pub use key::{object_key, parse_file_name, rendition_key, sanitize_batch, validate_key};
+pub use key::{
+    FIRST_GENERATION, generation_key, object_key, parse_file_name, rendition_key, sanitize_batch,
+    validate_key,
+};
 pub use local::LocalStorage;
 pub use s3::S3Storage;
 

@@ -33,6 +33,8 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
         imagegen_bin: Some(PathBuf::from(env!("CARGO_BIN_EXE_imagegen"))),
         bench_database: bench_database.clone(),
         json: true,
+        rendition_jobs: 2,
+        batch_rows: 1_000,
     };
     let mut reports: Vec<Report> = Vec::new();
     measure(&database_url(), &args, |r| reports.push(r))
@@ -42,7 +44,16 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
     let names: Vec<&str> = reports.iter().map(|r| r.scenario).collect();
     assert_eq!(
         names,
-        ["queue", "growth", "wakeup", "pipeline", "enqueue", "api"]
+        [
+            "queue",
+            "growth",
+            "wakeup",
+            "pipeline",
+            "enqueue",
+            "api",
+            "renditions",
+            "batch"
+        ]
     );
     let json = |name: &str| &reports.iter().find(|r| r.scenario == name).unwrap().json;
 
@@ -64,6 +75,15 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
     // The API walk reads every one of the 2,000 history jobs, 500 a page.
     assert_eq!(json("api")["walk_pages"], 4);
     assert_eq!(json("api")["listings"].as_array().unwrap().len(), 12);
+    // Both sources, both jobs, each a positive CPU figure.
+    let renditions = json("renditions")["results"].as_array().unwrap();
+    assert_eq!(renditions.len(), 2);
+    for r in renditions {
+        assert!(r["thumb_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["og_thumb_ms"].as_f64().unwrap() > r["thumb_ms"].as_f64().unwrap() * 0.5);
+    }
+    assert_eq!(json("batch")["rows"], 1_000);
+    assert!(json("batch")["submit_seconds"].as_f64().unwrap() > 0.0);
     for r in &reports {
         assert!(!r.rows.is_empty(), "{} printed no figures", r.scenario);
     }

@@ -26,14 +26,15 @@ pub fn fast_config(concurrency: usize) -> WorkerConfig {
         rescue_interval: Duration::from_millis(200),
         grace: Duration::from_secs(10),
         halt_probe_interval: Duration::from_millis(200),
-        // Retries due at once: `exit_when_idle` (rightly) does not wait for jobs scheduled
-        // for later, so a test whose worker should see its retries through must not back off.
+        // Retries due at once, so tests do not wait on backoff. (`exit_when_idle` waits for
+        // retries either way: they are marked `retry_pending`.)
         retry: RetryPolicy {
             base: Duration::ZERO,
             cap: Duration::ZERO,
         },
         exit_when_idle: true,
         only_batch: None,
+        window: None,
     }
 }
 

@@ -46,6 +46,7 @@ pub fn request(prompt: &str) -> ImageRequest {
         prompt: prompt.to_owned(),
         aspect_ratio: "16:9".to_owned(),
         image_size: None,
+        references: Vec::new(),
     }
 }
 

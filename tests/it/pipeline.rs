@@ -563,17 +563,26 @@ async fn out_of_credits_pauses_and_resumes_without_spending_attempts(pool: PgPoo
     ))
     .await
     .unwrap();
+    // A worker that exits when idle stops at a halt (exit code 3); this one waits it out.
+    let mut config = fast_config(1);
+    config.exit_when_idle = false;
     let worker = Worker::new(
         queue.clone(),
         pipeline(&fake, storage, queue.clone(), PipelineConfig::default()),
-        fast_config(1),
+        config,
     );
     let mut status = worker.status();
-    let run = tokio::spawn(worker.run(CancellationToken::new()));
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
     status
         .wait_for(|s| s.paused.as_deref().is_some_and(|p| p.contains("402")))
         .await
         .unwrap();
+    wait_until(WAIT, "every job to succeed after the pause", || async {
+        count_state(&pool, "succeeded").await == 6
+    })
+    .await;
+    stop.cancel();
     run.await.unwrap().unwrap();
 
     // max_attempts is 1: had a 402 spent the attempt, the job would have failed.

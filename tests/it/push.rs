@@ -6,6 +6,8 @@
 mod events;
 mod notify;
 mod pgbouncer;
+mod retention;
+mod stream;
 mod webhooks;
 
 use std::collections::HashMap;

@@ -631,11 +631,20 @@ async fn a_halting_error_pauses_claiming_without_spending_attempts(pool: PgPool)
             }
         }
     });
-    // One slot, so the halt is seen before anything else is claimed.
-    let worker = Worker::new(Queue::new(pool.clone()), handler, fast_config(1));
+    // One slot, so the halt is seen before anything else is claimed. Not exiting when idle:
+    // that stops at a halt (exit code 3), and this worker is to wait it out.
+    let mut cfg = fast_config(1);
+    cfg.exit_when_idle = false;
+    let worker = Worker::new(Queue::new(pool.clone()), handler, cfg);
     let mut status = worker.status();
-    let run = tokio::spawn(worker.run(CancellationToken::new()));
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
     status.wait_for(|s| s.paused.is_some()).await.unwrap();
+    wait_until(Duration::from_secs(60), "every job to succeed", || async {
+        count_state(&pool, "succeeded").await == 5
+    })
+    .await;
+    stop.cancel();
     run.await.unwrap().unwrap();
     assert_eq!(count_state(&pool, "succeeded").await, 5);
     let max_attempts: i32 = sqlx::query_scalar("SELECT max(attempts) FROM imagegen.jobs")

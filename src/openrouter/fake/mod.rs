@@ -239,6 +239,23 @@ pub struct FakeStats {
     pub billed_usd: Decimal,
     /// Every successful generation, in completion order (the last image of a two-image answer).
     pub served: Vec<ServedImage>,
+    /// Every reference image received in a well-formed request, in arrival order.
+    pub references: Vec<ReceivedReference>,
+}
+
+/// A reference image as a request carried it (after the shape check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedReference {
+    /// The prompt (text part) it came with.
+    pub prompt: String,
+    /// Its position among the message's parts (1 is the first after the text).
+    pub part: usize,
+    /// An https URL as sent (not fetched), or `None` for inline data.
+    pub url: Option<String>,
+    /// Inline data: the declared format, and the SHA-256 (hex) and size of the decoded bytes.
+    pub format: Option<ImageFormat>,
+    pub sha256: Option<String>,
+    pub bytes: usize,
 }
 
 /// A running stand-in. Stops when [`FakeServer::stop`] is called or when dropped.
@@ -419,6 +436,8 @@ fn router(shared: Arc<Shared>) -> Router {
                 json!({"code": 404, "message": "Not Found"}),
             )
         })
+        // Reference images come inline: four of 7 MB as base64 is about 38 MB.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(shared)
 }
 
@@ -458,6 +477,10 @@ async fn chat_completions(
             None,
         );
     };
+    match references_of(&request, &prompt) {
+        Ok(received) => shared.stats(|s| s.references.extend(received)),
+        Err(e) => return openrouter_error(400, &format!("fake-openrouter: {e}"), None),
+    }
     let index = shared.stats(|s| {
         let n = s.per_prompt.entry(prompt.clone()).or_insert(0);
         *n += 1;
@@ -568,6 +591,101 @@ fn prompt_of(request: &Value) -> Option<String> {
         _ => None,
     }
     .filter(|p| !p.trim().is_empty())
+}
+
+/// Checks the parts of a user message whose `content` is an array, as the real route takes
+/// them: text first, then `{"type": "image_url", "image_url": {"url": ...}}` parts whose URL is
+/// https or a base64 data URL of a PNG, JPEG, WebP or GIF that is what it says.
+fn references_of(request: &Value, prompt: &str) -> Result<Vec<ReceivedReference>, String> {
+    let parts = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| {
+            m.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_array);
+    let Some(parts) = parts else {
+        return Ok(Vec::new());
+    };
+    let mut received = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let kind = part.get("type").and_then(Value::as_str);
+        match (i, kind) {
+            (0, Some("text")) => {
+                if !part.get("text").is_some_and(Value::is_string) {
+                    return Err("content[0]: a text part needs a string \"text\"".into());
+                }
+            }
+            (0, _) => return Err("content[0]: the first part must be the text".into()),
+            (_, Some("image_url")) => {
+                let url = part
+                    .get("image_url")
+                    .and_then(|u| u.get("url"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        format!("content[{i}]: an image_url part needs image_url.url (a string)")
+                    })?;
+                received.push(reference_part(i, url, prompt)?);
+            }
+            (_, Some("text")) => {}
+            (_, other) => {
+                return Err(format!(
+                    "content[{i}]: unknown part type {:?}",
+                    other.unwrap_or("(none)")
+                ));
+            }
+        }
+    }
+    Ok(received)
+}
+
+fn reference_part(i: usize, url: &str, prompt: &str) -> Result<ReceivedReference, String> {
+    if url.starts_with("https://") {
+        return Ok(ReceivedReference {
+            prompt: prompt.to_owned(),
+            part: i,
+            url: Some(url.to_owned()),
+            format: None,
+            sha256: None,
+            bytes: 0,
+        });
+    }
+    let rest = url
+        .strip_prefix("data:")
+        .ok_or_else(|| format!("content[{i}]: image_url.url must be https:// or a data: URL"))?;
+    let (mime, data) = rest
+        .split_once(";base64,")
+        .ok_or_else(|| format!("content[{i}]: a data URL must be base64 (`;base64,`)"))?;
+    let declared = match mime {
+        "image/png" => ImageFormat::Png,
+        "image/jpeg" => ImageFormat::Jpeg,
+        "image/webp" => ImageFormat::Webp,
+        "image/gif" => ImageFormat::Gif,
+        other => return Err(format!("content[{i}]: unsupported image type {other:?}")),
+    };
+    let bytes = BASE64_STANDARD
+        .decode(data)
+        .map_err(|e| format!("content[{i}]: the data URL is not valid base64: {e}"))?;
+    match crate::image::sniff(&bytes) {
+        Some((actual, _, _)) if actual == declared => {}
+        _ => {
+            return Err(format!(
+                "content[{i}]: the data URL's bytes are not a {mime} image"
+            ));
+        }
+    }
+    use sha2::Digest as _;
+    Ok(ReceivedReference {
+        prompt: prompt.to_owned(),
+        part: i,
+        url: None,
+        format: Some(declared),
+        sha256: Some(hex::encode(sha2::Sha256::digest(&bytes))),
+        bytes: bytes.len(),
+    })
 }
 
 /// One accepted call.

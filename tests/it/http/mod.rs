@@ -34,8 +34,8 @@ impl Server {
             .await
             .expect("bind the server");
         let port = listener.local_addr().unwrap().port();
-        let state = HttpState::new(Queue::new(pool.clone()), None, auth);
         let stop = CancellationToken::new();
+        let state = HttpState::new(Queue::new(pool.clone()), None, auth).with_shutdown(&stop);
         let task = tokio::spawn(http::serve(listener, http::router(state), stop.clone()));
         // Reached through loopback whatever the bind address.
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

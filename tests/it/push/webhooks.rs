@@ -98,7 +98,12 @@ async fn a_receiver_failing_twice_gets_the_third_with_the_same_id_and_a_valid_si
     assert_eq!(body["id"], job);
     assert_eq!(body["state"], "succeeded");
     assert_eq!(body["image_urls"][0], "https://cdn.example/img.png");
-    assert!(body.get("lease_owner").is_none());
+    // The body is the job exactly as the API returns it.
+    let server = crate::http::Server::start(&pool).await;
+    let (status, view) = server.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, view, "webhook body = GET /api/v1/jobs/{{id}}");
+    server.stop().await;
     let (attempts, status): (i32, Option<i32>) =
         sqlx::query_as("SELECT attempts, last_status FROM imagegen.deliveries WHERE job_id = $1")
             .bind(job)
@@ -261,4 +266,41 @@ async fn a_delivery_still_failing_after_a_day_is_marked_failed(pool: PgPool) {
     let listed = queue.deliveries(true, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].job_id, job);
+}
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn imagegen_serve_delivers_webhooks_too(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let db = test_pool(&opts, 4).await;
+    let receiver = Receiver::start(|_| Answer::Status(200)).await;
+    let queue = Queue::new(db.clone());
+    let job = job_with_callback(&queue, "served, not worked", receiver.url()).await;
+    claim_and_finish(&queue, |_| succeeded()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-private-callbacks",
+        ])
+        .args(["--webhook-retry-base", "100ms"])
+        .env("DATABASE_URL", database_url(&opts))
+        .env("IMAGEGEN_STORAGE", dir.path())
+        .env("IMAGEGEN_WEBHOOK_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start imagegen serve");
+    wait_until(WAIT, "imagegen serve to deliver", || async {
+        delivery_state(&db, job).await.as_deref() == Some("delivered")
+    })
+    .await;
+    signal(&serve, "-TERM");
+    assert!(serve.wait().unwrap().success(), "serve stops cleanly");
+    let got = receiver.received();
+    assert_eq!(got.len(), 1);
+    verify_with_reference_library(&got[0]).unwrap();
+    let body: serde_json::Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["id"], job);
 }

@@ -1,7 +1,9 @@
 //! Per-test storage roots on either backend, the loopback S3 server's settings, and test images.
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::Credentials;
@@ -10,6 +12,7 @@ use imagegen::image::{DecodedImage, ImageFormat};
 use imagegen::storage::{Storage, StorageConfig, StorageError};
 use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The loopback S3 server's settings, as `scripts/s3-server env` exports them.
 pub struct S3Env {
@@ -222,4 +225,54 @@ fn percent_decode(s: &str) -> String {
         }
     }
     String::from_utf8(out).unwrap()
+}
+
+/// An s3s-fs of the test's own on a port the OS picks, stopped when dropped.
+pub struct PrivateServer {
+    pub child: tokio::process::Child,
+    pub endpoint: String,
+    /// Where the server keeps objects: `{data}/{bucket}/{key}`.
+    pub data: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    pub async fn start() -> PrivateServer {
+        let bin = S3.s3s_bin.clone().expect(
+            "IMAGEGEN_TEST_S3S_BIN is not set: run via scripts/test or \
+             eval \"$(scripts/s3-server env)\"",
+        );
+        let data = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--access-key"])
+            .arg(&S3.access_key)
+            .arg("--secret-key")
+            .arg(S3.secret.expose_secret())
+            .arg(data.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // s3s-fs logs the address it bound; waiting for that line is the readiness signal.
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let find_address = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some((_, rest)) = line.split_once("server is running at ") {
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
+            }
+            panic!("s3s-fs exited before it was running");
+        };
+        let endpoint = tokio::time::timeout(Duration::from_secs(30), find_address)
+            .await
+            .expect("s3s-fs did not start within 30 s");
+        // Keep draining its log so the server never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        PrivateServer {
+            child,
+            endpoint,
+            data,
+        }
+    }
 }

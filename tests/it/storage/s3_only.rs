@@ -1,7 +1,6 @@
 //! S3-only behaviour: verdicts for wrong credentials and a stopped server, metadata, the AWS
 //! environment chain, and uploads that a server refusing aws-chunked bodies (Garage) accepts.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -11,10 +10,10 @@ use imagegen::error::{Classify, ErrorClass};
 use imagegen::image::ImageFormat;
 use imagegen::storage::{ObjectMeta, Storage, StorageConfig, StorageError};
 use secrecy::ExposeSecret;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::fixture::{Fixture, S3, open_s3_at, random_png, sdk_config, small_png};
+use super::fixture::{Fixture, PrivateServer, S3, open_s3_at, random_png, sdk_config, small_png};
 
 fn meta(job_id: i64) -> ObjectMeta {
     ObjectMeta {
@@ -155,55 +154,6 @@ async fn presigned_urls_are_refused_beyond_seven_days() {
         .await
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Permanent, "{err}");
-}
-
-/// An s3s-fs of the test's own on a port the OS picks, stopped when dropped.
-struct PrivateServer {
-    child: tokio::process::Child,
-    endpoint: String,
-    _data: tempfile::TempDir,
-}
-
-impl PrivateServer {
-    async fn start() -> PrivateServer {
-        let bin = S3.s3s_bin.clone().expect(
-            "IMAGEGEN_TEST_S3S_BIN is not set: run via scripts/test or \
-             eval \"$(scripts/s3-server env)\"",
-        );
-        let data = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", "0", "--access-key"])
-            .arg(&S3.access_key)
-            .arg("--secret-key")
-            .arg(S3.secret.expose_secret())
-            .arg(data.path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        // s3s-fs logs the address it bound; waiting for that line is the readiness signal.
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let find_address = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some((_, rest)) = line.split_once("server is running at ") {
-                    return rest.split_whitespace().next().unwrap().to_owned();
-                }
-            }
-            panic!("s3s-fs exited before it was running");
-        };
-        let endpoint = tokio::time::timeout(Duration::from_secs(30), find_address)
-            .await
-            .expect("s3s-fs did not start within 30 s");
-        // Keep draining its log so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        PrivateServer {
-            child,
-            endpoint,
-            _data: data,
-        }
-    }
 }
 
 #[tokio::test]
