@@ -1,7 +1,12 @@
 //! `imagegen demo`: the whole pipeline on one machine with nothing but Postgres. It starts the
 //! local stand-in provider in-process, enqueues a batch of blog-header prompts (a few with injected
 //! faults, so retries and failures show), runs a real worker on that batch with a live progress
-//! line, then prints what every job became and where the images are.
+//! line, prints what every job became and where the images are, and ends by serving the
+//! dashboard on that batch until Ctrl-C (at once with `--exit`, or when not on a terminal).
+//!
+//! A newcomer may have Postgres installed but not running: when nothing answers at the default
+//! address, [`ensure_postgres`] starts the machine's installed cluster the way `.ci/run` does
+//! (and says so), or says in one line how to.
 
 use std::time::Duration;
 
@@ -28,6 +33,104 @@ pub struct DemoArgs {
     /// Calls in flight at once.
     #[arg(long, default_value_t = 6)]
     pub concurrency: usize,
+    /// End after the summary instead of serving the dashboard (also the case when stdin or
+    /// stdout is not a terminal).
+    #[arg(long)]
+    pub exit: bool,
+    /// Where the dashboard listens at the end (loopback; a busy port falls back to a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// The address `DATABASE_URL` points at by default.
+const DEFAULT_PG: &str = "127.0.0.1:5432";
+
+/// When `database_url` is the default local address and nothing answers there, starts the
+/// installed Postgres cluster (`pg_ctlcluster`, as `.ci/run` does) and waits for it; otherwise
+/// leaves everything alone. Fails with one line on how to start it when it cannot.
+pub async fn ensure_postgres(database_url: &str) -> anyhow::Result<()> {
+    let local = [
+        "@127.0.0.1:5432/",
+        "@localhost:5432/",
+        "@127.0.0.1/",
+        "@localhost/",
+    ]
+    .iter()
+    .any(|h| database_url.contains(h));
+    if !local || answers().await {
+        return Ok(());
+    }
+    let how = "start Postgres (e.g. `sudo pg_ctlcluster <version> main start`, or `sudo service                postgresql start`) or point DATABASE_URL at a running server";
+    let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("main").is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(version) = versions.into_iter().max() else {
+        anyhow::bail!("nothing answers at {DEFAULT_PG} and no installed cluster was found: {how}");
+    };
+    println!(
+        "nothing answers at {DEFAULT_PG}: starting the installed Postgres cluster {version}/main          (pg_ctlcluster)"
+    );
+    let started = tokio::process::Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "start"])
+        .status()
+        .await;
+    match started {
+        Ok(s) if s.success() => {}
+        Ok(s) => anyhow::bail!("pg_ctlcluster {version} main start failed ({s}): {how}"),
+        Err(e) => anyhow::bail!("could not run pg_ctlcluster ({e}): {how}"),
+    }
+    for _ in 0..60 {
+        if answers().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("Postgres {version}/main started but does not answer at {DEFAULT_PG}: {how}")
+}
+
+async fn answers() -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(DEFAULT_PG)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Serves the dashboard on `listen` (or a free port when it is taken) until Ctrl-C.
+async fn serve_dashboard(
+    queue: Queue,
+    storage: Storage,
+    listen: std::net::SocketAddr,
+    batch: &str,
+) -> anyhow::Result<()> {
+    use crate::http::{self, HttpState, auth::AuthArgs};
+    let args = AuthArgs::default();
+    let (listener, auth) = match http::bind(listen, &args).await {
+        Ok(b) => b,
+        Err(_) => http::bind(std::net::SocketAddr::new(listen.ip(), 0), &args).await?,
+    };
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let router = http::router(HttpState::new(queue, Some(storage), auth));
+    let server = tokio::spawn(http::serve(listener, router, stop.clone()));
+    println!();
+    println!(
+        "dashboard: http://{addr}/batches/{}   (overview: http://{addr}/)",
+        crate::http::pages::view::enc(batch)
+    );
+    println!("press Ctrl-C to stop");
+    tokio::signal::ctrl_c().await.ok();
+    stop.cancel();
+    server.await??;
+    Ok(())
 }
 
 /// The demo's prompts: blog headers for a small site. Markers ask the stand-in for faults.
@@ -168,5 +271,9 @@ pub async fn run(queue: Queue, storage: &StorageConfig, args: DemoArgs) -> anyho
     println!("images: {}", storage.describe());
     println!("inspect with: imagegen status --batch {batch}   or   imagegen show ID");
     fake.stop().await.ok();
-    Ok(())
+    use std::io::IsTerminal as _;
+    if args.exit || !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        return Ok(());
+    }
+    serve_dashboard(queue, storage, args.listen, &batch).await
 }

@@ -339,6 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Regenerate(a) => cli::regenerate::run(open_queue(g, 2).await?, a).await?,
         Command::Prune(a) => cli::prune::run(open_queue(g, 4).await?, *a).await?,
         Command::Demo { demo, storage } => {
+            imagegen::demo::ensure_postgres(&g.database_url).await?;
             imagegen::demo::run(open_queue(g, 10).await?, &storage, demo).await?
         }
         Command::Doctor { storage, provider } => doctor(g, storage, provider).await?,

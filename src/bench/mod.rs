@@ -46,6 +46,7 @@ use crate::db;
 
 mod api;
 mod batch;
+mod pages;
 mod prune;
 pub mod renditions;
 use crate::openrouter::fake::{DEFAULT_IMAGE_BYTES, FakeConfig, FakeServer};
@@ -137,6 +138,8 @@ pub enum Scenario {
     Batch,
     /// `imagegen prune` over a million finished jobs, chunk by chunk.
     Prune,
+    /// The dashboard's overview and batch pages with a million jobs in the table.
+    Pages,
     /// Every scenario, in this order.
     All,
 }
@@ -383,6 +386,9 @@ async fn scenarios(
     }
     if all || args.scenario == Scenario::Prune {
         emit(prune::prune_scenario(bench, args).await?);
+    }
+    if all || args.scenario == Scenario::Pages {
+        emit(pages::pages_scenario(bench, args).await?);
     }
     Ok(())
 }

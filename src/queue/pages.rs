@@ -69,7 +69,6 @@ pub struct Tile {
     pub attempts: i32,
     pub max_attempts: i32,
     pub updated_at: DateTime<Utc>,
-    pub images: i64,
     /// The first original's size and ThumbHash.
     pub width: Option<i32>,
     pub height: Option<i32>,
@@ -117,16 +116,14 @@ pub struct MediaObject {
 
 const TILE_COLUMNS: &str = "j.id, j.state, j.prompt, j.idempotency_key, j.last_error, \
     j.batch_seq, j.attempts, j.max_attempts, j.updated_at, \
-    (SELECT count(*) FROM imagegen.images c WHERE c.job_id = j.id \
-        AND c.generation = j.generation) AS images, \
     i.width, i.height, i.placeholder, r.width AS thumb_width, r.height AS thumb_height, \
     r.key AS thumb_key, r.sha256 AS thumb_sha256";
 
-// The job's current generation only: earlier generations' rows are history.
-const TILE_JOINS: &str = "LEFT JOIN imagegen.images i ON i.job_id = j.id AND i.idx = 0 \
-        AND i.generation = j.generation \
-    LEFT JOIN imagegen.renditions r ON r.job_id = j.id AND r.idx = 0 AND r.spec = 'thumb' \
-        AND r.generation = j.generation";
+/// The current generation's first image and its thumbnail (earlier generations are history).
+const TILE_JOINS: &str = "LEFT JOIN imagegen.images i ON i.job_id = j.id \
+        AND i.generation = j.generation AND i.idx = 0 \
+    LEFT JOIN imagegen.renditions r ON r.job_id = j.id AND r.generation = j.generation \
+        AND r.idx = 0 AND r.spec = 'thumb'";
 
 impl Queue {
     /// Jobs per state and spend, over the whole table and per batch, in one grouped scan.

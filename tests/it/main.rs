@@ -4,6 +4,7 @@
 mod batch;
 mod bench;
 mod cooldown;
+mod dashboard;
 mod helpers;
 mod http;
 mod openrouter;

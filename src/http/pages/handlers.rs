@@ -403,6 +403,7 @@ struct BatchPage {
     states: [&'static str; 5],
     done: Option<String>,
     live: String,
+    events: String,
 }
 
 impl BatchPage {
@@ -525,6 +526,7 @@ pub async fn batch(
     Ok(render(&BatchPage {
         c: Chrome::new(format!("Batch {batch}"), "batches", Some(&ctx)),
         live: format!("/live/batches/{}", enc(&batch)),
+        events: format!("/live/events?batch={}", enc(&batch)),
         b,
         tiles,
         state,
@@ -661,6 +663,84 @@ pub async fn batch_budget(
     Ok(back_to_batch(&batch, &note))
 }
 
+/// `GET /batches/{batch}/report.{csv|json|html}`: the batch report (see `crate::batch::report`)
+/// as a download.
+pub async fn batch_report(
+    State(s): State<HttpState>,
+    Path((batch, format)): Path<(String, String)>,
+) -> PageResult {
+    use crate::batch::report::{ReportError, ReportFormat, ReportOptions, render};
+    let (fmt, ext) = match format.as_str() {
+        "csv" => (ReportFormat::Csv, "csv"),
+        "json" => (ReportFormat::Json, "json"),
+        "html" => (ReportFormat::Html, "html"),
+        _ => {
+            return Err(PageError::new(
+                StatusCode::NOT_FOUND,
+                "No such report",
+                "reports are .csv, .json or .html",
+            ));
+        }
+    };
+    // The report's future is not provably Send (a closure over borrowed lines inside it), so it
+    // runs on a blocking thread of its own rather than on the server's tasks.
+    let (queue, storage, name) = (s.queue.clone(), s.storage.clone(), batch.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let made = tokio::task::spawn_blocking(move || {
+        runtime.block_on(render(
+            &queue,
+            storage.as_ref(),
+            &name,
+            fmt,
+            &ReportOptions::default(),
+        ))
+    })
+    .await
+    .map_err(|e| {
+        PageError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The report could not be made",
+            e.to_string(),
+        )
+    })?;
+    let body = made.map_err(|e| match e {
+        ReportError::NoJobs(_) => {
+            PageError::new(StatusCode::NOT_FOUND, "No such batch", e.to_string())
+        }
+        ReportError::Queue(q) => q.into(),
+        other => {
+            tracing::warn!(error = %other, "batch report");
+            PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The report could not be made",
+                other.to_string(),
+            )
+        }
+    })?;
+    let name: String = batch
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let disposition = format!("attachment; filename=\"{name}-report.{ext}\"");
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                fmt.content_type().to_owned(),
+            ),
+            (axum::http::header::CONTENT_DISPOSITION, disposition),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 fn back_to_batch(batch: &str, note: &str) -> Response {
     Redirect::to(&format!("{}?done={}", batch_href(batch), enc(note))).into_response()
 }
@@ -729,6 +809,7 @@ pub struct JobDetail {
     pub no_thumb: bool,
     pub can_retry: bool,
     pub can_cancel: bool,
+    pub can_regenerate: bool,
 }
 
 #[derive(Template)]
@@ -804,6 +885,7 @@ fn job_detail(s: &HttpState, v: JobView, renditions: Vec<crate::queue::Rendition
         id: v.id,
         can_retry: matches!(v.state.as_str(), "failed" | "cancelled"),
         can_cancel: v.state == "pending",
+        can_regenerate: matches!(v.state.as_str(), "succeeded" | "failed" | "cancelled"),
         state: v.state.clone(),
         prompt: v.prompt.clone(),
         model: v.model.clone(),
@@ -886,6 +968,52 @@ pub async fn job_cancel(
     s.queue.cancel(id).await?;
     s.totals.invalidate();
     Ok(Redirect::to(&format!("/jobs/{id}?done={}", enc("cancelled"))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RegenerateForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    prompt: String,
+}
+
+/// `POST /jobs/{id}/regenerate`: the finished job made again as its next generation, with the
+/// edited prompt when it was changed.
+pub async fn job_regenerate(
+    State(s): State<HttpState>,
+    Extension(ctx): Extension<Ctx>,
+    Path(id): Path<i64>,
+    Form(f): Form<RegenerateForm>,
+) -> PageResult {
+    if !ctx.csrf_ok(&s.auth, &f.csrf) {
+        return Err(bad_form());
+    }
+    let current = s.queue.job_view(id).await?;
+    // Browsers send textarea line ends as CRLF; the stored prompt has what was submitted.
+    let edited = f.prompt.replace("\r\n", "\n");
+    let new_prompt = (!edited.trim().is_empty() && edited != current.prompt).then_some(edited);
+    let generation = s
+        .queue
+        .regenerate(id, new_prompt.as_deref())
+        .await
+        .map_err(|e| match e {
+            crate::queue::QueueError::Database(db) => {
+                // A refused prompt (blank, too long) names its constraint.
+                PageError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Prompt refused",
+                    crate::http::problem::Problem::database(&db).body().detail,
+                )
+            }
+            other => other.into(),
+        })?;
+    s.totals.invalidate();
+    let note = match new_prompt {
+        Some(_) => format!("generation {generation} pending, with the edited prompt"),
+        None => format!("generation {generation} pending"),
+    };
+    Ok(Redirect::to(&format!("/jobs/{id}?done={}", enc(&note))).into_response())
 }
 
 // ---------------------------------------------------------------- search

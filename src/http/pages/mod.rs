@@ -255,12 +255,20 @@ pub fn routes(state: HttpState) -> Router {
             post(handlers::batch_cancel_pending),
         )
         .route("/batches/{batch}/budget", post(handlers::batch_budget))
+        .route(
+            "/batches/{batch}/report.{format}",
+            get(handlers::batch_report),
+        )
         .route("/jobs", get(handlers::search))
         .route("/jobs/bulk", post(handlers::bulk))
         .route("/jobs/{id}", get(handlers::job))
         .route("/jobs/{id}/retry", post(handlers::job_retry))
         .route("/jobs/{id}/cancel", post(handlers::job_cancel))
+        .route("/jobs/{id}/regenerate", post(handlers::job_regenerate))
         .route("/live/overview", get(handlers::live_overview))
+        // The API's event stream behind the pages' access (EventSource cannot send a bearer
+        // token; it sends the session cookie).
+        .route("/live/events", get(super::events::stream_events))
         .route("/live/batches/{batch}", get(handlers::live_batch))
         .route("/media/{job}/{index}/{spec}", get(media::serve))
         .route("/signout", post(signout))

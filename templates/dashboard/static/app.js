@@ -73,8 +73,28 @@
     return Promise.all(jobs);
   }
 
+  // With the event stream, a finished job triggers a refresh at once and polling slows to a
+  // fallback (for changes that are no event, such as a job starting). Without it (an old
+  // browser, or the stream failing), polling alone keeps the page current.
+  var streamUp = false;
+  var soon = null;
+  function refreshSoon() {
+    if (soon) return;
+    soon = setTimeout(function () { soon = null; tick(); }, 250);
+  }
+  var withEvents = document.querySelector("[data-events]");
+  if (withEvents && window.EventSource) {
+    var es = new EventSource(withEvents.getAttribute("data-events"));
+    es.addEventListener("open", function () { streamUp = true; });
+    es.addEventListener("job_finished", refreshSoon);
+    es.addEventListener("error", function () { streamUp = false; });
+  }
+
   function loop() {
-    tick().then(function () { refreshTimes(); setTimeout(loop, pollMs); });
+    tick().then(function () {
+      refreshTimes();
+      setTimeout(loop, streamUp ? pollMs * 4 : pollMs);
+    });
   }
   if (live.length) setTimeout(loop, pollMs);
   setInterval(refreshTimes, 30000);
