@@ -59,7 +59,9 @@ async fn every_scenario_runs_at_toy_sizes_and_cleans_up() {
             "enqueue",
             "api",
             "renditions",
-            "batch"
+            "batch",
+            "prune",
+            "pages"
         ]
     );
     let json = |name: &str| &reports.iter().find(|r| r.scenario == name).unwrap().json;

@@ -75,7 +75,7 @@ async fn exercise_every_error_path(logs: Captured) {
     })
     .await;
     let client = Client::new(Config {
-        deadline: Duration::from_millis(500),
+        deadline: Duration::from_secs(3),
         max_body_bytes: 1024 * 1024,
         ..config(&server)
     })
