@@ -330,18 +330,8 @@ async fn a_resubmit_adds_nothing_and_an_edited_file_reports_its_changed_rows(poo
         .execute(&pool)
         .await
         .unwrap();
-    let r = submit(
-        &q,
-        "slug,title
-z,Zeta 2
-a,Alpha
-b,Beta (new)
-c,Gamma
-",
-        &o,
-    )
-    .await
-    .unwrap();
+    let latest = "slug,title\nz,Zeta 2\na,Alpha\nb,Beta (new)\nc,Gamma\n";
+    let r = submit(&q, latest, &o).await.unwrap();
     assert_eq!((r.changed.len(), r.regenerated), (1, 1));
     let z: (String, i32, String) = sqlx::query_as(
         "SELECT prompt, generation, state FROM imagegen.jobs WHERE idempotency_key = 'site:z'",
@@ -350,7 +340,7 @@ c,Gamma
     .await
     .unwrap();
     assert_eq!(z, ("Header for Zeta 2".to_owned(), 1, "pending".to_owned()));
-    let again = submit(&q, edited, &o).await.unwrap();
+    let again = submit(&q, latest, &o).await.unwrap();
     assert_eq!((again.inserted, again.changed.len()), (0, 0));
 
     // Without --key, the content hash is the key: the same file adds nothing either.
@@ -470,7 +460,7 @@ async fn reference_images_come_from_the_option_and_the_reference_column(pool: Pg
         "{errors:?}"
     );
 
-    let file = "slug,prompt,reference\na,one,\nb,two,https://cdn.example.com/logo.png?v=1,2 styles/x.webp\n";
+    let file = "slug,prompt,reference\na,one,\nb,two,\"https://cdn.example.com/logo.png?v=1,2 styles/x.webp\"\n";
     assert_eq!(submit(&q, file, &o).await.unwrap().inserted, 2);
     let refs: Vec<Vec<String>> = sqlx::query_scalar(
         "SELECT reference_images FROM imagegen.jobs WHERE batch = 'refs' ORDER BY batch_seq",
