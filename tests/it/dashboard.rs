@@ -200,7 +200,8 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // The whole group: chromedriver and any Chromium left by a failed test.
         let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.driver.id())])
+            // `--`: procps' kill reads a bare `-PID` as an option and signals nothing.
+            .args(["-KILL", "--", &format!("-{}", self.driver.id())])
             .status();
         let _ = self.driver.wait();
     }
