@@ -185,6 +185,42 @@ impl Browser {
         self.c().execute(script, vec![]).await.unwrap()
     }
 
+    /// Waits for the page to show `needle`: a click that submits a form returns before the
+    /// next page has loaded, and its body may be missing meanwhile.
+    async fn wait_for_text(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = match self.c().find(Locator::Css("body")).await {
+                Ok(body) => body.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the page never showed {needle:?}; it shows: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the browser to be on `path` (after a submitted form's redirects).
+    async fn wait_for_path(&self, path: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.c().current_url().await.map(|u| u.path().to_owned());
+            if now.as_deref().is_ok_and(|p| p == path) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the browser never reached {path}: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn body_text(&self) -> String {
         self.c()
             .find(Locator::Css("body"))
@@ -393,7 +429,7 @@ async fn a_batch_gallery_shows_every_image_and_a_failed_job_can_be_retried(pool:
         state_of(&pool, failed_id).await == "pending"
     })
     .await;
-    assert!(b.body_text().await.contains("pending again"));
+    b.wait_for_text("pending again").await;
     b.assert_console_clean("after retry").await;
 
     // A succeeded job's page: the image, renditions with URLs, the attempts.
@@ -635,7 +671,7 @@ async fn with_a_token_pages_need_the_session_cookie_and_forms_the_csrf_token(poo
         .click()
         .await
         .unwrap();
-    assert!(b.body_text().await.contains("not valid"));
+    b.wait_for_text("not valid").await;
     b.drain_console().await;
     let token = b.c().find(Locator::Css("#token")).await.unwrap();
     token.send_keys(TOKEN).await.unwrap();
@@ -647,7 +683,8 @@ async fn with_a_token_pages_need_the_session_cookie_and_forms_the_csrf_token(poo
         .await
         .unwrap();
     // Back where it was asked for, signed in.
-    assert_eq!(b.c().current_url().await.unwrap().path(), "/jobs/1");
+    b.wait_for_path("/jobs/1").await;
+    b.wait_for_text("locked job").await;
     let cookie_visible = b
         .js("return document.cookie.includes('imagegen_session')")
         .await;

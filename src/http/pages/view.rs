@@ -169,6 +169,8 @@ pub struct Bar {
 pub struct Tick {
     pub x: String,
     pub text: String,
+    /// SVG `text-anchor`: the first and last labels are held inside the chart's edges.
+    pub anchor: &'static str,
 }
 
 /// A 24-hour bar chart drawn on the server.
@@ -237,9 +239,17 @@ pub fn chart(
         .iter()
         .enumerate()
         .filter(|(i, _)| i % 6 == 0 || *i == 23)
-        .map(|(i, h)| Tick {
-            x: format!("{:.1}", i as f64 * slot + slot / 2.0),
-            text: h.format("%H:00").to_string(),
+        .map(|(i, h)| {
+            let (x, anchor) = match i {
+                0 => (0.0, "start"),
+                23 => (24.0 * slot, "end"),
+                _ => (i as f64 * slot + slot / 2.0, "middle"),
+            };
+            Tick {
+                x: format!("{x:.1}"),
+                text: h.format("%H:00").to_string(),
+                anchor,
+            }
         })
         .collect();
     Chart {

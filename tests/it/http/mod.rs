@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod media;
 mod metrics;
 mod schema;
 
