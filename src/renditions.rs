@@ -228,6 +228,11 @@ impl Renditions {
         success: &Success,
     ) {
         let (specs, unparsed) = self.specs_for(&job.renditions);
+        // Nothing asked and the automatic thumbnail off: no image work at all, so the original
+        // is not even decoded (and gets no placeholder; `renditions add thumb` makes both).
+        if specs.is_empty() && unparsed.is_empty() {
+            return;
+        }
         let originals: Vec<(ImageRow, Bytes)> = success
             .images
             .iter()

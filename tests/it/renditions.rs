@@ -570,6 +570,16 @@ async fn renditions_add_on_a_finished_batch_calls_no_model(
         .await
         .unwrap();
     assert_eq!(fake.calls(), 4);
+    // With nothing asked and the thumbnail off, no image work was done: no rendition, and the
+    // original was not decoded for a placeholder either.
+    let (renditions, placeholders): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM imagegen.renditions), \
+                (SELECT count(placeholder) FROM imagegen.images)",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((renditions, placeholders), (0, 0));
 
     // A job of the batch with two originals (512x512 and 320x320), in order.
     let two = queue
@@ -659,6 +669,17 @@ async fn renditions_add_on_a_finished_batch_calls_no_model(
         );
         let rows = queue.job_renditions(*id).await.unwrap();
         assert_eq!(rows.len(), 2 * image_urls.len(), "job {id}");
+        let missing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM imagegen.images WHERE job_id = $1 AND placeholder IS NULL",
+        )
+        .bind(*id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(
+            missing, 0,
+            "job {id}: `renditions add` gives every original its placeholder"
+        );
         for spec in ["og", "thumb"] {
             let mine: Vec<&RenditionRow> = rows.iter().filter(|r| r.spec == spec).collect();
             let want: Vec<&str> = mine.iter().map(|r| r.url.as_str()).collect();
