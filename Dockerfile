@@ -5,10 +5,12 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY benches benches
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && cargo build --release --locked || true
 COPY migrations migrations
+COPY templates templates
 COPY src src
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin imagegen
 

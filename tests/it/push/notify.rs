@@ -238,3 +238,49 @@ async fn the_payload_stays_small_whatever_the_row_holds(pool: PgPool) {
         }
     }
 }
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn a_job_without_batch_or_key_is_announced_with_json_nulls(pool: PgPool) {
+    let mut listener = PgListener::connect_with(&pool).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    // As apps insert them by hand: no batch, no key; then one with a batch and no key.
+    let bare: i64 =
+        sqlx::query_scalar("INSERT INTO imagegen.jobs (prompt) VALUES ('a bare job') RETURNING id")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let batched: i64 = sqlx::query_scalar(
+        "INSERT INTO imagegen.jobs (prompt, batch) VALUES ('a batched job', 'b') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE imagegen.jobs SET state = 'cancelled', finished_at = now()")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut got = collect(&pool, &mut listener).await;
+    got.sort_by_key(|p| p["id"].as_i64());
+    assert_eq!(got.len(), 2, "{got:?}");
+    let event_of = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT id FROM imagegen.events WHERE job_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        got[0],
+        serde_json::json!({"id": bare, "state": "cancelled", "batch": null,
+            "idempotency_key": null, "event_id": event_of(bare).await})
+    );
+    assert_eq!(
+        got[1],
+        serde_json::json!({"id": batched, "state": "cancelled", "batch": "b",
+            "idempotency_key": null, "event_id": event_of(batched).await})
+    );
+}
