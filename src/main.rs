@@ -276,7 +276,27 @@ struct StatusArgs {
 /// Rows per INSERT statement when enqueueing from a file.
 const ENQUEUE_CHUNK: usize = 5000;
 
+/// glibc's malloc raises its mmap threshold to the largest block freed so far (up to 32 MB); from
+/// then on, multi-megabyte image buffers (answers, decoded pixels) come from the heap arenas and
+/// the process keeps their pages after use. Held at 4 MB, such buffers get mappings of their own,
+/// returned to the system when freed: the 4K bench's peak RSS went from 264 to 176 MiB. A
+/// `MALLOC_MMAP_THRESHOLD_` in the environment still wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    const MMAP_THRESHOLD: libc::c_int = 4 * 1024 * 1024;
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a malloc parameter; it runs once, before any other thread.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     init_tracing(cli.global.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
