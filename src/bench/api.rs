@@ -13,9 +13,7 @@ use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    BenchArgs, BenchDb, Report, Row, insert_history, percentile, progress, round, thousands,
-};
+use super::{BenchArgs, BenchDb, Report, Row, insert_history, ms, percentile, progress, thousands};
 use crate::http::auth::Auth;
 use crate::http::{self, HttpState};
 use crate::queue::Queue;
@@ -57,10 +55,6 @@ async fn time(client: &reqwest::Client, url: &str, samples: usize) -> anyhow::Re
         p95: percentile(&took, 0.95),
         jobs,
     })
-}
-
-fn ms(d: Duration) -> f64 {
-    round(d.as_secs_f64() * 1000.0, 1)
 }
 
 pub(super) async fn api_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<Report> {

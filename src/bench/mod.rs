@@ -1764,6 +1764,11 @@ fn round(x: f64, decimals: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// A duration in milliseconds, to a tenth.
+fn ms(d: Duration) -> f64 {
+    round(d.as_secs_f64() * 1000.0, 1)
+}
+
 /// 34000.4 -> "34,000".
 fn thousands(x: f64) -> String {
     let digits = format!("{:.0}", x.max(0.0));

@@ -14,7 +14,7 @@ use anyhow::Context;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchArgs, BenchDb, Report, Row, insert_history, percentile, progress, thousands};
+use super::{BenchArgs, BenchDb, Report, Row, insert_history, ms, percentile, progress, thousands};
 use crate::http::auth::Auth;
 use crate::http::{self, HttpState};
 use crate::queue::Queue;
@@ -23,10 +23,6 @@ use crate::queue::Queue;
 const SAMPLES: usize = 15;
 /// The overview and a batch page must answer within this (median).
 pub const TARGET_PAGE_P50: Duration = Duration::from_millis(200);
-
-fn ms(d: Duration) -> f64 {
-    super::round(d.as_secs_f64() * 1000.0, 1)
-}
 
 async fn get(client: &reqwest::Client, url: &str) -> anyhow::Result<(Duration, usize)> {
     let started = Instant::now();

@@ -298,35 +298,31 @@ impl Queue {
             super::generations::FINISHED
         );
         for r in regenerate {
-            let changed = sqlx::query(&regenerate_sql)
-                .bind(r.job_id)
-                .bind(&r.prompt)
-                .bind(&r.aspect_ratio)
-                .bind(&r.model)
-                .bind(&r.image_size)
-                .bind(&r.renditions)
-                .bind(&r.reference_images)
-                .persistent(keep)
+            // Both statements take the row's new values as $1..$7.
+            let with_values = |sql| {
+                sqlx::query(sql)
+                    .bind(r.job_id)
+                    .bind(&r.prompt)
+                    .bind(&r.aspect_ratio)
+                    .bind(&r.model)
+                    .bind(&r.image_size)
+                    .bind(&r.renditions)
+                    .bind(&r.reference_images)
+                    .persistent(keep)
+            };
+            let changed = with_values(&regenerate_sql)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
             let changed = if changed == 1 {
                 1
             } else {
-                sqlx::query(
+                with_values(
                     "UPDATE imagegen.jobs SET prompt = $2, aspect_ratio = $3, model = $4, \
                          image_size = $5, renditions = $6, reference_images = $7, \
                          updated_at = now() \
                      WHERE id = $1 AND state = 'pending'",
                 )
-                .bind(r.job_id)
-                .bind(&r.prompt)
-                .bind(&r.aspect_ratio)
-                .bind(&r.model)
-                .bind(&r.image_size)
-                .bind(&r.renditions)
-                .bind(&r.reference_images)
-                .persistent(keep)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected()
