@@ -29,7 +29,7 @@ use crate::renditions::Renditions;
 use crate::storage::{
     FIRST_GENERATION, ObjectMeta, Storage, StorageError, generation_key, parse_file_name,
 };
-use crate::worker::{Failure, Handler, Success};
+use crate::worker::{CallSlot, Failure, Handler, Success};
 
 /// Pipeline settings that are not the provider's or the storage's.
 #[derive(Debug, Clone, Default)]
@@ -238,7 +238,7 @@ impl Pipeline {
         Ok(success)
     }
 
-    async fn run(&self, job: Job) -> Result<Success, Failure> {
+    async fn run(&self, job: Job, slot: CallSlot) -> Result<Success, Failure> {
         if let Some(images) = self.paid_earlier(&job).await? {
             info!(
                 images = images.len(),
@@ -269,8 +269,12 @@ impl Pipeline {
             references,
         };
         let call_started = std::time::Instant::now();
-        // Held until the images are stored (end of this function): see `generate_held`.
-        let generation = self.client.generate_held(&request).await;
+        // The body permit is held until the images are stored (end of this function): see
+        // `generate_held`. The call slot goes back as soon as the answer starts to arrive.
+        let generation = self
+            .client
+            .generate_held(&request, || slot.answered())
+            .await;
         crate::metrics::call_finished(&job.model, call_started.elapsed());
         let generation = generation.map_err(call_failure)?;
         let record = record_of(&generation);
@@ -338,8 +342,12 @@ impl Pipeline {
 const STASH_TRIES: u32 = 5;
 
 impl Handler for Pipeline {
-    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send {
-        self.run(job)
+    fn handle(
+        &self,
+        job: Job,
+        slot: CallSlot,
+    ) -> impl Future<Output = Result<Success, Failure>> + Send {
+        self.run(job, slot)
     }
 }
 

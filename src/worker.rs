@@ -69,8 +69,96 @@ impl Failure {
 
 /// The job body. Implementations must be cancel-safe: on shutdown past the grace period the
 /// future is dropped and the job handed back.
+///
+/// `slot` is the job's call slot: a handler whose provider has answered calls
+/// [`CallSlot::answered`] so the next call can start while it decodes and stores; one that
+/// never does holds the slot until it returns.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send;
+    fn handle(
+        &self,
+        job: Job,
+        slot: CallSlot,
+    ) -> impl Future<Output = Result<Success, Failure>> + Send;
+}
+
+/// How many jobs a worker holds at most, per slot of `concurrency`: the calls in flight plus as
+/// many answers already arrived and waiting for their turn to be read, decoded and stored.
+/// Beyond that, a worker that cannot keep up claims only as fast as it finishes.
+const HELD_PER_SLOT: usize = 2;
+
+/// One job's claim on a call slot: `concurrency` bounds the provider calls in flight, not the
+/// jobs being finished. The slot goes back when the provider's answer starts to arrive
+/// ([`CallSlot::answered`]: the generation is done, and what is left is this process's reading,
+/// decoding and storing, which the client's body permits and the image pool bound) or when the
+/// job ends, whichever is first. So a burst of answers waiting for the CPU does not keep the
+/// next calls from starting. Cheap to clone; giving it back twice is a no-op.
+#[derive(Clone)]
+pub struct CallSlot {
+    inner: Arc<SlotInner>,
+}
+
+struct SlotInner {
+    /// `Some` while the slot is held (the permit inside is `None` only if the claim found the
+    /// semaphore short, which it never does).
+    permit: Mutex<Option<Option<OwnedSemaphorePermit>>>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl CallSlot {
+    /// A slot taken by a job of this worker: counted in `running` until given back.
+    fn held(permit: Option<OwnedSemaphorePermit>, shared: Arc<Shared>) -> CallSlot {
+        shared.running.fetch_add(1, Ordering::SeqCst);
+        CallSlot {
+            inner: Arc::new(SlotInner {
+                permit: Mutex::new(Some(permit)),
+                shared: Some(shared),
+            }),
+        }
+    }
+
+    /// A slot of no worker (a handler run by hand): giving it back does nothing.
+    pub fn detached() -> CallSlot {
+        CallSlot {
+            inner: Arc::new(SlotInner {
+                permit: Mutex::new(None),
+                shared: None,
+            }),
+        }
+    }
+
+    /// The provider has answered this job's call: its slot goes to the next call.
+    pub fn answered(&self) {
+        self.give_back();
+    }
+
+    /// Whether this job still holds its slot.
+    pub fn is_held(&self) -> bool {
+        lock(&self.inner.permit).is_some()
+    }
+
+    fn give_back(&self) {
+        self.inner.give_back();
+    }
+}
+
+impl SlotInner {
+    fn give_back(&self) {
+        let Some(permit) = lock(&self.permit).take() else {
+            return;
+        };
+        drop(permit);
+        if let Some(shared) = &self.shared {
+            shared.running.fetch_sub(1, Ordering::SeqCst);
+            shared.slot_freed.notify_one();
+        }
+    }
+}
+
+impl Drop for SlotInner {
+    /// A job task aborted at shutdown gives its slot back too.
+    fn drop(&mut self) {
+        self.give_back();
+    }
 }
 
 /// Settings of one worker process. Every field has a default fit for minute-long image calls.
@@ -257,10 +345,11 @@ struct Shared {
     heartbeat_now: tokio::sync::Notify,
     /// The in-flight ceiling (see [`ceiling`]).
     ceiling: Mutex<ceiling::Ceiling>,
-    /// Told whenever a job gives its slot back, for a claimer held by the ceiling rather than by
-    /// the slots.
+    /// Told whenever a job gives its call slot or its hold back, for a claimer held by the
+    /// ceiling or by the holds rather than by the slots.
     slot_freed: tokio::sync::Notify,
-    /// Jobs holding a slot: spawned and not yet handed to the completion writer.
+    /// Jobs holding a call slot: spawned, and neither answered nor handed to the completion
+    /// writer (the calls in flight at the provider).
     running: AtomicUsize,
     status: watch::Sender<WorkerStatus>,
 }
@@ -388,12 +477,16 @@ impl<H: Handler> Worker<H> {
         let rescuer = tokio::spawn(rescue_loop(shared.clone(), background.clone()));
 
         let mut tasks: JoinSet<()> = JoinSet::new();
-        // One permit per slot. A job holds its permit while its handler runs and gives it back
-        // once its result is queued for the completion writer, not when the write commits: the
-        // slot bounds work in progress, and the lease (still renewed until the write) keeps the
-        // job fenced meanwhile. So the next claim overlaps the previous batch's write, and the
-        // writer's queue (bounded) is what pushes back if the database falls behind.
+        // One permit per call slot. A job holds its permit while its call is in flight and gives
+        // it back when the answer arrives (see `CallSlot`) or, at the latest, once its result is
+        // queued for the completion writer, not when the write commits: the lease (still renewed
+        // until the write) keeps the job fenced meanwhile. So the next claim overlaps the
+        // previous batch's write, and the writer's queue (bounded) is what pushes back if the
+        // database falls behind. `holds` bounds the jobs held in all, answered ones included.
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        let holds = Arc::new(Semaphore::new(
+            cfg.concurrency.saturating_mul(HELD_PER_SLOT),
+        ));
         let mut db_failures: u32 = 0;
         let mut stopped = Stopped::Shutdown;
 
@@ -439,8 +532,10 @@ impl<H: Handler> Worker<H> {
             let pause = lock(&shared.pause).clone();
             let free = slots.available_permits();
             let ceiling = lock(&shared.ceiling).get();
-            // Below the ceiling as well as within the free slots.
-            let mut limit = free.min(ceiling.saturating_sub(cfg.concurrency - free));
+            // Below the ceiling as well as within the free slots and holds.
+            let mut limit = free
+                .min(ceiling.saturating_sub(cfg.concurrency - free))
+                .min(holds.available_permits());
             if let Some(p) = &pause {
                 if p.probe && cfg.exit_when_idle {
                     // Every job would halt the same way: a cron run ends here, jobs handed back.
@@ -481,16 +576,19 @@ impl<H: Handler> Worker<H> {
                 // claim takes them all in one statement instead of a few rows each.
                 let free = settle(&slots).await;
                 let ceiling = lock(&shared.ceiling).get();
-                limit = free.min(ceiling.saturating_sub(cfg.concurrency - free));
+                limit = free
+                    .min(ceiling.saturating_sub(cfg.concurrency - free))
+                    .min(holds.available_permits());
                 if limit == 0 {
                     continue;
                 }
             }
             // Only this loop takes permits, so all `limit` are free.
-            let Ok(mut permits) = slots
-                .clone()
-                .try_acquire_many_owned(u32::try_from(limit).unwrap_or(u32::MAX))
-            else {
+            let n = u32::try_from(limit).unwrap_or(u32::MAX);
+            let (Ok(mut permits), Ok(mut held)) = (
+                slots.clone().try_acquire_many_owned(n),
+                holds.clone().try_acquire_many_owned(n),
+            ) else {
                 continue;
             };
 
@@ -530,10 +628,10 @@ impl<H: Handler> Worker<H> {
                 });
             }
             for job in claimed {
-                let permit = permits.split(1);
-                self.spawn_job(&mut tasks, job, permit, done_tx.clone());
+                let (permit, hold) = (permits.split(1), held.split(1));
+                self.spawn_job(&mut tasks, job, permit, hold, done_tx.clone());
             }
-            drop(permits); // the slots this claim found no job for
+            drop((permits, held)); // the slots this claim found no job for
             shared.status.send_modify(|s| s.in_flight = tasks.len());
             if got == limit {
                 continue; // Maybe more is due: claim again while slots are free.
@@ -649,14 +747,15 @@ impl<H: Handler> Worker<H> {
         &self,
         tasks: &mut JoinSet<()>,
         job: Job,
-        slot: Option<OwnedSemaphorePermit>,
+        permit: Option<OwnedSemaphorePermit>,
+        hold: Option<OwnedSemaphorePermit>,
         done: mpsc::Sender<(Completion, Ack)>,
     ) {
         let shared = self.shared.clone();
         let handler = self.handler.clone();
         let started = Instant::now();
         let started_at = job.started_at.unwrap_or_else(Utc::now);
-        shared.running.fetch_add(1, Ordering::SeqCst);
+        let slot = CallSlot::held(permit, shared.clone());
         lock(&shared.in_flight).insert(
             job.id,
             InFlight {
@@ -672,7 +771,7 @@ impl<H: Handler> Worker<H> {
             async move {
                 let _in_flight = crate::metrics::InFlightGuard::start();
                 let lease = job.lease();
-                let result = handler.handle(job.clone()).await;
+                let result = handler.handle(job.clone(), slot.clone()).await;
                 let finish = decide(&job, &result, &shared.config.retry);
                 let record = match &result {
                     Ok(s) => s.record.clone(),
@@ -759,8 +858,8 @@ impl<H: Handler> Worker<H> {
                         f.finishing = true;
                     }
                 }
-                drop(slot);
-                shared.running.fetch_sub(1, Ordering::SeqCst);
+                slot.give_back();
+                drop(hold);
                 shared.slot_freed.notify_one();
                 if queued.is_err() {
                     error!("completion writer gone; the lease will expire and the job be rescued");
@@ -1039,7 +1138,11 @@ where
     F: Fn(Job) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Success, Failure>> + Send,
 {
-    fn handle(&self, job: Job) -> impl Future<Output = Result<Success, Failure>> + Send {
+    fn handle(
+        &self,
+        job: Job,
+        _slot: CallSlot,
+    ) -> impl Future<Output = Result<Success, Failure>> + Send {
         (self.0)(job)
     }
 }

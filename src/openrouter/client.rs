@@ -435,7 +435,7 @@ impl Client {
     /// error's class). The body permit is given back before returning; see
     /// [`Client::generate_held`] for keeping it until the image is stored.
     pub async fn generate(&self, req: &ImageRequest) -> Result<Generation, CallError> {
-        let mut result = self.generate_held(req).await;
+        let mut result = self.generate_held(req, || {}).await;
         if let Ok(g) = &mut result {
             g.body_permit = None;
         }
@@ -447,10 +447,20 @@ impl Client {
     /// decoded images waiting for storage count against [`Config::max_concurrent_bodies`]. A
     /// caller that holds many generations at once must use [`Client::generate`] instead, or it
     /// waits for permits it holds itself.
-    pub async fn generate_held(&self, req: &ImageRequest) -> Result<Generation, CallError> {
+    ///
+    /// `answered` runs once, when a successful answer proper starts to arrive (after the
+    /// keep-alive padding, before the body permit is waited for): from then on the provider has
+    /// finished generating, and what is left is this process's own reading, decoding and
+    /// storing. The worker gives the job's call slot back there (see [`crate::worker::CallSlot`]).
+    /// It does not run for an error answer or a call that fails before its answer.
+    pub async fn generate_held(
+        &self,
+        req: &ImageRequest,
+        answered: impl FnOnce() + Send,
+    ) -> Result<Generation, CallError> {
         let started = Instant::now();
         let result = self
-            .call(req)
+            .call(req, answered)
             .await
             .map_err(|e| e.redact(self.inner.key.expose_secret()));
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -476,7 +486,11 @@ impl Client {
         result
     }
 
-    async fn call(&self, req: &ImageRequest) -> Result<Generation, CallError> {
+    async fn call(
+        &self,
+        req: &ImageRequest,
+        answered: impl FnOnce() + Send,
+    ) -> Result<Generation, CallError> {
         validate(req)?;
         let inner = &*self.inner;
         let deadline_len = inner.config.deadline_for(&req.model);
@@ -568,7 +582,13 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let hint = retry_hint(response.headers(), SystemTime::now());
-        let read = read_body(&mut response, inner.config.max_body_bytes, &inner.bodies);
+        let answered = response.status().is_success().then_some(answered);
+        let read = read_body(
+            &mut response,
+            inner.config.max_body_bytes,
+            &inner.bodies,
+            answered,
+        );
         // The permit is held through parsing and decoding, and handed to the caller with the
         // image: until it is stored, that is where the memory is.
         let (body, permit) = match tokio::time::timeout_at(deadline, read).await {
@@ -693,11 +713,12 @@ impl PaddingSkipper {
 /// answer proper starts and handed back with the answer: the caller keeps it until the image is
 /// stored. While a call waits for its permit it holds one chunk: the connection is fresh (see
 /// [`Client::new`]), so its read buffer never grew, and nothing more is read until the wait
-/// ends.
+/// ends. `answered` runs when the answer proper starts, before that wait.
 async fn read_body(
     response: &mut reqwest::Response,
     cap: u64,
     gate: &Arc<Semaphore>,
+    mut answered: Option<impl FnOnce()>,
 ) -> Result<(stream::Answer, Option<OwnedSemaphorePermit>), BodyError> {
     if response.content_length().is_some_and(|len| len > cap) {
         return Err(BodyError::TooLarge { cap });
@@ -714,6 +735,9 @@ async fn read_body(
         let part = skipper.skip(&chunk);
         if part.is_empty() {
             continue;
+        }
+        if let Some(answered) = answered.take() {
+            answered();
         }
         if permit.is_none() {
             // The semaphore is never closed, so acquiring only fails if that changes; reading on

@@ -600,7 +600,7 @@ async fn out_of_credits_pauses_and_resumes_without_spending_attempts(pool: PgPoo
 #[sqlx::test(migrator = "imagegen::MIGRATOR")]
 async fn a_lost_final_write_is_finished_from_storage_without_a_new_call(pool: PgPool) {
     use imagegen::queue::ClaimFilter;
-    use imagegen::worker::Handler;
+    use imagegen::worker::{CallSlot, Handler};
 
     let fake = FakeServer::start(FakeConfig {
         image_bytes: 30_000,
@@ -630,7 +630,10 @@ async fn a_lost_final_write_is_finished_from_storage_without_a_new_call(pool: Pg
         .await
         .unwrap()
         .remove(0);
-    let paid = pipeline.handle(first).await.expect("attempt 1 succeeds");
+    let paid = pipeline
+        .handle(first, CallSlot::detached())
+        .await
+        .expect("attempt 1 succeeds");
     assert_eq!(fake.calls(), 1);
     sqlx::query("UPDATE imagegen.jobs SET lease_expires_at = now() - interval '1 second'")
         .execute(&pool)
@@ -645,7 +648,10 @@ async fn a_lost_final_write_is_finished_from_storage_without_a_new_call(pool: Pg
         .unwrap()
         .remove(0);
     assert_eq!(second.attempts, 2);
-    let recovered = pipeline.handle(second).await.expect("attempt 2 succeeds");
+    let recovered = pipeline
+        .handle(second, CallSlot::detached())
+        .await
+        .expect("attempt 2 succeeds");
     assert_eq!(
         fake.calls(),
         1,

@@ -9,7 +9,7 @@ use chrono::Utc;
 use imagegen::error::ErrorClass;
 use imagegen::queue::{AttemptRecord, ClaimFilter, Completion, Finish, NewJob, Queue};
 use imagegen::retry::RetryPolicy;
-use imagegen::worker::{Failure, FnHandler, Success, Worker, decide};
+use imagegen::worker::{CallSlot, Failure, FnHandler, Handler, Success, Worker, decide};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -761,4 +761,78 @@ async fn migrations_are_safe_from_several_processes_at_once(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(applied, imagegen::MIGRATOR.iter().count() as i64);
+}
+
+/// A handler that counts the jobs it has started, gives its call slot back at once when
+/// `answers` (as the pipeline does when the provider's answer arrives), then waits at `gate`.
+struct Gated {
+    answers: bool,
+    started: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Handler for Gated {
+    async fn handle(&self, _job: imagegen::queue::Job, slot: CallSlot) -> Result<Success, Failure> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        assert!(slot.is_held(), "a job starts holding its slot");
+        if self.answers {
+            slot.answered();
+            assert!(!slot.is_held());
+            slot.answered(); // twice is a no-op
+        }
+        if let Ok(p) = self.gate.acquire().await {
+            p.forget();
+        }
+        ok_success()
+    }
+}
+
+/// Starts a worker of concurrency 2 over 8 jobs whose handler waits at a gate, and returns how
+/// many jobs were running at once before any ended, and after one ended.
+async fn gated_run(pool: &PgPool, answers: bool) -> (usize, usize) {
+    insert_n(pool, 8).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = Gated {
+        answers,
+        started: started.clone(),
+        gate: gate.clone(),
+    };
+    let run = tokio::spawn(
+        Worker::new(Queue::new(pool.clone()), handler, fast_config(2))
+            .run(CancellationToken::new()),
+    );
+    let expected = if answers { 4 } else { 2 };
+    wait_until(WAIT, "the first jobs to start", || async {
+        started.load(Ordering::SeqCst) >= expected
+    })
+    .await;
+    // Several poll intervals (200 ms): a worker that would claim more has had its chance.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = started.load(Ordering::SeqCst);
+    gate.add_permits(1);
+    wait_until(WAIT, "a job to start after one ended", || async {
+        started.load(Ordering::SeqCst) > before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after = started.load(Ordering::SeqCst);
+    gate.add_permits(100);
+    run.await.unwrap().unwrap();
+    assert_eq!(count_state(pool, "succeeded").await, 8);
+    (before, after)
+}
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn an_answered_call_gives_its_slot_to_the_next_call_within_twice_the_concurrency(
+    pool: PgPool,
+) {
+    // Answered jobs free their call slots: 2 calls in flight plus 2 answered, and no more (the
+    // holds bound what a worker that cannot keep up takes on).
+    assert_eq!(gated_run(&pool, true).await, (4, 5));
+}
+
+#[sqlx::test(migrator = "imagegen::MIGRATOR")]
+async fn a_job_that_never_answers_holds_its_slot_until_it_ends(pool: PgPool) {
+    assert_eq!(gated_run(&pool, false).await, (2, 3));
 }

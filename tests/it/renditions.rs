@@ -18,7 +18,7 @@ use imagegen::queue::{
     AttemptRecord, ClaimFilter, Completion, Finish, ImageRow, NewJob, Queue, RenditionRow,
 };
 use imagegen::storage::{DEFAULT_CACHE_CONTROL, ObjectMeta, Storage, StorageConfig};
-use imagegen::worker::{Handler, Worker};
+use imagegen::worker::{CallSlot, Handler, Worker};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -463,7 +463,7 @@ async fn a_failed_rendition_upload_is_finished_from_the_original_never_a_renditi
         .unwrap()
         .remove(0);
     let paid = p
-        .handle(first)
+        .handle(first, CallSlot::detached())
         .await
         .expect("attempt 1 stores the original");
     assert_eq!(fake.calls(), 1);

@@ -218,3 +218,67 @@ async fn one_client_serves_many_concurrent_calls() {
     assert_eq!(ids.len(), 64);
     assert_eq!(server.successes(), 64);
 }
+
+/// `generate_held`'s `answered` runs when the answer proper starts, after the keep-alive
+/// padding and before the body permit is waited for (so the worker's call slot goes back while
+/// the answer waits for memory), and never for an error answer.
+#[tokio::test]
+async fn answered_runs_when_the_answer_starts_not_when_its_body_is_read() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let server = fake_with(FakeConfig {
+        latency: Duration::from_millis(300),
+        pad_interval: Duration::from_millis(50),
+        ..FakeConfig::default()
+    })
+    .await;
+    let mut config = super::config(&server);
+    config.max_concurrent_bodies = 1;
+    let client = imagegen::openrouter::Client::new(config).unwrap();
+
+    // The first answer keeps the only body permit while it is held.
+    let first = client
+        .generate_held(&request("a heron"), || {})
+        .await
+        .unwrap();
+    assert!(first.body_permit.is_some());
+    let answered = Arc::new(AtomicBool::new(false));
+    let second = {
+        let (client, answered) = (client.clone(), answered.clone());
+        tokio::spawn(async move {
+            client
+                .generate_held(&request("a crane"), move || {
+                    answered.store(true, Ordering::SeqCst)
+                })
+                .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !answered.load(Ordering::SeqCst) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second answer started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !second.is_finished(),
+        "the second answer waits for the body permit the first holds"
+    );
+    drop(first);
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(second.images.len(), 1);
+
+    let errored = Arc::new(AtomicBool::new(false));
+    let e = errored.clone();
+    let err = client
+        .generate_held(&request("a lake [fault:500]"), move || {
+            e.store(true, Ordering::SeqCst)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.http_status, Some(500));
+    assert!(!errored.load(Ordering::SeqCst), "an error is no answer");
+}
