@@ -629,12 +629,17 @@ impl Queue {
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
         // No check on the expiry itself: as long as nobody rescued the job, this worker still
         // holds it, even if a database outage let the lease run past its time. `IS TRUE`: see
-        // RUNNING_BY_ID.
+        // RUNNING_BY_ID. The rows are locked in id order first, as `complete` locks them: the
+        // two run at once on the same jobs, and rows locked in two orders deadlock.
         let renewed = sqlx::query_scalar(
-            "UPDATE imagegen.jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
-             FROM UNNEST($2::bigint[], $3::int[]) AS h(id, attempt) \
-             WHERE j.id = h.id AND j.attempts = h.attempt AND j.lease_owner = $1 \
-               AND (j.state = 'running') IS TRUE \
+            "WITH held AS ( \
+                 SELECT j.id FROM imagegen.jobs j \
+                 JOIN UNNEST($2::bigint[], $3::int[]) AS h(id, attempt) \
+                     ON j.id = h.id AND j.attempts = h.attempt \
+                 WHERE j.lease_owner = $1 AND (j.state = 'running') IS TRUE \
+                 ORDER BY j.id FOR UPDATE OF j) \
+             UPDATE imagegen.jobs j SET lease_expires_at = now() + $4 * interval '1 millisecond' \
+             FROM held WHERE j.id = held.id \
              RETURNING j.id",
         )
         .bind(worker)
@@ -709,7 +714,9 @@ impl Queue {
         }
         let images = ImageColumns::of(completions);
         // The fenced update; an attempts row, and the image rows, for exactly the jobs it changed.
-        // `IS TRUE`: see RUNNING_BY_ID.
+        // `IS TRUE`: see RUNNING_BY_ID. The fenced rows are locked in id order before the update
+        // (`fenced`), as `renew` locks them: the two run at once on the same jobs, and rows
+        // locked in two orders deadlock.
         let applied: Vec<i64> = sqlx::query_scalar(
             "WITH c AS ( \
                  SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::int[], $4::text[], $5::text[], \
@@ -718,6 +725,11 @@ impl Queue {
                      $16::numeric[], $17::text[]) \
                  AS c(id, worker, attempt, state, outcome, refund, error, urls, delay_ms, started, \
                      duration_ms, status, ptok, ctok, itok, cost, gen)), \
+             fenced AS ( \
+                 SELECT j.id FROM imagegen.jobs j JOIN c ON j.id = c.id \
+                 WHERE (j.state = 'running') IS TRUE AND j.lease_owner = c.worker \
+                   AND j.attempts = c.attempt \
+                 ORDER BY j.id FOR UPDATE OF j), \
              done AS ( \
                  UPDATE imagegen.jobs j SET \
                      state = c.state, \
@@ -734,8 +746,8 @@ impl Queue {
                      finished_at = CASE WHEN c.state IN ('succeeded', 'failed') THEN now() END, \
                      lease_owner = NULL, lease_expires_at = NULL, reserved_usd = NULL, \
                      retry_pending = (c.outcome = 'retry'), updated_at = now() \
-                 FROM c \
-                 WHERE j.id = c.id AND (j.state = 'running') IS TRUE \
+                 FROM c JOIN fenced f ON f.id = c.id \
+                 WHERE j.id = f.id AND (j.state = 'running') IS TRUE \
                    AND j.lease_owner = c.worker \
                    AND j.attempts = c.attempt \
                  RETURNING j.id, j.generation), \
