@@ -270,6 +270,8 @@ async fn answered_runs_when_the_answer_starts_not_when_its_body_is_read() {
     drop(first);
     let second = second.await.unwrap().unwrap();
     assert_eq!(second.images.len(), 1);
+    // The second answer's permit goes back too, or the error answer below waits for it.
+    drop(second);
 
     let errored = Arc::new(AtomicBool::new(false));
     let e = errored.clone();
