@@ -1,7 +1,8 @@
 //! The OpenRouter image client: one chat-completions call per image, read under a total
 //! deadline and a size cap, turned into a decoded image and its cost, or a classified error.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -337,6 +338,32 @@ struct Inner {
     config: Config,
     /// Permits to read, decode and store an answer (see [`Config::max_concurrent_bodies`]).
     bodies: Arc<Semaphore>,
+    /// The size of the last image decoded for each model and image size: what the next answer's
+    /// decoder reserves (see [`stream::AnswerReader::with_payload_hint`]).
+    image_sizes: Mutex<HashMap<String, usize>>,
+}
+
+impl Inner {
+    fn image_size_key(req: &ImageRequest) -> String {
+        format!("{}\n{}", req.model, req.image_size.as_deref().unwrap_or(""))
+    }
+
+    /// Bytes to reserve for the image of an answer to `req`: the last one of its kind, plus an
+    /// eighth (images of one model and size vary with their content), never more than an
+    /// answer may hold.
+    fn image_size_hint(&self, req: &ImageRequest) -> usize {
+        let last = self.image_sizes.lock().map_or(0, |m| {
+            m.get(&Self::image_size_key(req)).copied().unwrap_or(0)
+        });
+        let cap = usize::try_from(self.config.max_body_bytes / 4 * 3).unwrap_or(usize::MAX);
+        last.saturating_add(last / 8).min(cap)
+    }
+
+    fn learn_image_size(&self, req: &ImageRequest, bytes: usize) {
+        if let Ok(mut m) = self.image_sizes.lock() {
+            m.insert(Self::image_size_key(req), bytes);
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -421,6 +448,7 @@ impl Client {
                 endpoint: format!("{base}/chat/completions"),
                 key,
                 bodies: Arc::new(Semaphore::new(config.max_concurrent_bodies)),
+                image_sizes: Mutex::new(HashMap::new()),
                 config,
             }),
         })
@@ -587,6 +615,7 @@ impl Client {
             &mut response,
             inner.config.max_body_bytes,
             &inner.bodies,
+            inner.image_size_hint(req),
             answered,
         );
         // The permit is held through parsing and decoding, and handed to the caller with the
@@ -618,6 +647,9 @@ impl Client {
         };
         drop(response);
         let mut generation = interpret(status, hint, header_id, body, inner.key.expose_secret())?;
+        if let Some(image) = generation.images.last() {
+            inner.learn_image_size(req, image.bytes.len());
+        }
         generation.body_permit = permit.map(Arc::new);
         Ok(generation)
     }
@@ -718,13 +750,21 @@ async fn read_body(
     response: &mut reqwest::Response,
     cap: u64,
     gate: &Arc<Semaphore>,
+    image_size_hint: usize,
     mut answered: Option<impl FnOnce()>,
 ) -> Result<(stream::Answer, Option<OwnedSemaphorePermit>), BodyError> {
-    if response.content_length().is_some_and(|len| len > cap) {
+    let length = response.content_length();
+    if length.is_some_and(|len| len > cap) {
         return Err(BodyError::TooLarge { cap });
     }
+    // A stated length bounds the image exactly (base64 is 4 characters for 3 bytes); a streamed
+    // answer (the real API's, padded while it works) has none, and the last image's size is the
+    // guess.
+    let hint = length
+        .and_then(|len| usize::try_from(len / 4 * 3).ok())
+        .unwrap_or(image_size_hint);
     let mut skipper = PaddingSkipper::default();
-    let mut reader = stream::AnswerReader::default();
+    let mut reader = stream::AnswerReader::with_payload_hint(hint);
     let mut permit = None;
     let mut received: u64 = 0;
     while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
@@ -920,7 +960,8 @@ fn take_image(
 }
 
 /// Reads a whole answer from memory as the client reads one from the network (in `chunk`-byte
-/// pieces): for benchmarks of the parsing and decoding path, without a server.
+/// pieces, the image's buffer reserved as for an answer of stated length): for benchmarks of the
+/// parsing and decoding path, without a server.
 #[doc(hidden)]
 #[expect(
     clippy::result_large_err,
@@ -928,7 +969,7 @@ fn take_image(
 )]
 pub fn interpret_bytes(status: u16, body: &[u8], chunk: usize) -> Result<Generation, CallError> {
     let mut skipper = PaddingSkipper::default();
-    let mut reader = stream::AnswerReader::default();
+    let mut reader = stream::AnswerReader::with_payload_hint(body.len() / 4 * 3);
     for piece in body.chunks(chunk.max(1)) {
         reader.feed(skipper.skip(piece));
     }
