@@ -80,6 +80,8 @@ pub struct Config {
 
     /// Deadline for a whole call, body included, for models not listed as slow. OpenRouter pads
     /// the body with whitespace while the model works, so only a total deadline ends a stuck call.
+    /// Time an answer waits for a body permit (see --openrouter-max-concurrent-bodies) does not
+    /// count: it is this process's queue, and the answer is already paid for.
     #[arg(long = "openrouter-deadline", env = "OPENROUTER_DEADLINE",
           default_value = "120s", value_parser = humantime::parse_duration)]
     pub deadline: Duration,
@@ -102,7 +104,7 @@ pub struct Config {
 
     /// How many answers may be read, decoded and stored at once. Calls still waiting for the
     /// model (receiving only padding) do not count; a call whose answer starts while the limit
-    /// is reached waits, under its deadline, holding one read chunk. The answer is decoded as it
+    /// is reached waits, holding one read chunk (the wait is not counted against its deadline). The answer is decoded as it
     /// arrives (never held whole), so peak memory for answers is about this many decoded images
     /// (with the automatic thumbnail's work, bounded by the image pool).
     #[arg(long = "openrouter-max-concurrent-bodies", env = "OPENROUTER_MAX_CONCURRENT_BODIES",
@@ -616,14 +618,15 @@ impl Client {
             inner.config.max_body_bytes,
             &inner.bodies,
             inner.image_size_hint(req),
+            deadline,
             answered,
         );
         // The permit is held through parsing and decoding, and handed to the caller with the
         // image: until it is stored, that is where the memory is.
-        let (body, permit) = match tokio::time::timeout_at(deadline, read).await {
-            Err(_) => return Err(deadline_error(Some(status), header_id)),
-            Ok(Err(e)) => {
+        let (body, permit) = match read.await {
+            Err(e) => {
                 let err = match e {
+                    BodyError::Deadline => return Err(deadline_error(Some(status), header_id)),
                     BodyError::TooLarge { cap } => CallError::new(
                         CallErrorKind::BodyTooLarge,
                         ErrorClass::Permanent,
@@ -643,7 +646,7 @@ impl Client {
                 };
                 return Err(err.with_status(Some(status)).with_generation_id(header_id));
             }
-            Ok(Ok(read)) => read,
+            Ok(read) => read,
         };
         drop(response);
         let mut generation = interpret(status, hint, header_id, body, inner.key.expose_secret())?;
@@ -703,8 +706,12 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 enum BodyError {
-    TooLarge { cap: u64 },
+    TooLarge {
+        cap: u64,
+    },
     Read(reqwest::Error),
+    /// The call's deadline passed while the body was still arriving.
+    Deadline,
 }
 
 /// Skips what OpenRouter writes before the JSON while the model works: whitespace, and SSE
@@ -751,6 +758,7 @@ async fn read_body(
     cap: u64,
     gate: &Arc<Semaphore>,
     image_size_hint: usize,
+    mut deadline: tokio::time::Instant,
     mut answered: Option<impl FnOnce()>,
 ) -> Result<(stream::Answer, Option<OwnedSemaphorePermit>), BodyError> {
     let length = response.content_length();
@@ -767,7 +775,12 @@ async fn read_body(
     let mut reader = stream::AnswerReader::with_payload_hint(hint);
     let mut permit = None;
     let mut received: u64 = 0;
-    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+    loop {
+        let chunk = match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Err(_) => return Err(BodyError::Deadline),
+            Ok(chunk) => chunk.map_err(BodyError::Read)?,
+        };
+        let Some(chunk) = chunk else { break };
         received += chunk.len() as u64;
         if received > cap {
             return Err(BodyError::TooLarge { cap });
@@ -781,8 +794,13 @@ async fn read_body(
         }
         if permit.is_none() {
             // The semaphore is never closed, so acquiring only fails if that changes; reading on
-            // without a permit is then the safe fallback.
+            // without a permit is then the safe fallback. The wait is this process's own queue,
+            // not the provider's time: the deadline moves by as much. The answer has started,
+            // so the call is paid for; a deadline that fired here would throw the image away
+            // and pay for it again (seen under load, when answers outnumber permits).
+            let waited = tokio::time::Instant::now();
             permit = gate.clone().acquire_owned().await.ok();
+            deadline += waited.elapsed();
         }
         reader.feed(part);
     }

@@ -284,3 +284,39 @@ async fn answered_runs_when_the_answer_starts_not_when_its_body_is_read() {
     assert_eq!(err.http_status, Some(500));
     assert!(!errored.load(Ordering::SeqCst), "an error is no answer");
 }
+
+/// An answer that has started is paid for: the time it then waits for a body permit (other
+/// answers hold them all) is this process's queue, not the provider's, and must not run out the
+/// call's deadline, or the image is thrown away and paid for again.
+#[tokio::test]
+async fn waiting_for_a_body_permit_does_not_run_out_the_deadline() {
+    let server = fake_with(FakeConfig {
+        latency: Duration::from_millis(200),
+        ..FakeConfig::default()
+    })
+    .await;
+    let mut config = super::config(&server);
+    config.max_concurrent_bodies = 1;
+    config.deadline = Duration::from_secs(1);
+    let client = imagegen::openrouter::Client::new(config).unwrap();
+
+    let first = client
+        .generate_held(&request("a heron"), || {})
+        .await
+        .unwrap();
+    let second = {
+        let client = client.clone();
+        tokio::spawn(async move { client.generate_held(&request("a crane"), || {}).await })
+    };
+    // Held for twice the deadline: the second answer arrives and waits all that time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !second.is_finished(),
+        "the second answer waits for the permit"
+    );
+    drop(first);
+    let second = second.await.unwrap();
+    let second = second.unwrap_or_else(|e| panic!("the waiting answer was dropped: {e}"));
+    assert_eq!(second.images.len(), 1);
+    assert_eq!(server.successes(), 2, "each image paid for once");
+}
