@@ -1146,8 +1146,7 @@ struct PipelineRun {
     steady_jobs_per_s: Option<f64>,
     steady_efficiency: Option<f64>,
     peak_rss_mib: Option<f64>,
-    cpu_s_per_job: f64,
-    /// The same CPU split into user and kernel time, with the page faults per job.
+    /// The worker's CPU per job, user and kernel time, with its page faults.
     usage_per_job: OwnUsage,
     stand_in_cpu_s_per_job: Option<f64>,
     failed: i64,
@@ -1213,7 +1212,7 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
             target,
             verdict,
         });
-        let cpu_ms = r.cpu_s_per_job * 1e3;
+        let cpu_ms = r.usage_per_job.cpu_s() * 1e3;
         let (target, verdict) = match c.cpu_ms_target {
             Some(t) => (format!("<= {t} ms"), verdict_at_most(cpu_ms, t)),
             None => (String::new(), String::new()),
@@ -1262,9 +1261,9 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
                 format!("thumbnail's CPU per image, {}", on.case.name),
                 format!(
                     "{:.2} ms ({:.2} with, {:.2} without)",
-                    (on.cpu_s_per_job - off.cpu_s_per_job) * 1e3,
-                    on.cpu_s_per_job * 1e3,
-                    off.cpu_s_per_job * 1e3
+                    (on.usage_per_job.cpu_s() - off.usage_per_job.cpu_s()) * 1e3,
+                    on.usage_per_job.cpu_s() * 1e3,
+                    off.usage_per_job.cpu_s() * 1e3
                 ),
             ));
         }
@@ -1308,7 +1307,7 @@ async fn pipeline_scenario(bench: &BenchDb, args: &BenchArgs) -> anyhow::Result<
                 "target_efficiency": r.case.efficiency_target,
                 "peak_rss_mib": r.peak_rss_mib.map(|m| round(m, 1)),
                 "target_peak_rss_mib": r.case.rss_target,
-                "cpu_s_per_job": round(r.cpu_s_per_job, 6),
+                "cpu_s_per_job": round(r.usage_per_job.cpu_s(), 6),
                 "user_cpu_s_per_job": round(r.usage_per_job.user_s, 6),
                 "kernel_cpu_s_per_job": round(r.usage_per_job.system_s, 6),
                 "page_faults_per_job": round(r.usage_per_job.minor_faults, 1),
@@ -1449,7 +1448,7 @@ async fn pipeline_run(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let (cpu_s, stand_in_cpu_s, _) = cpu.elapsed();
+    let (_, stand_in_cpu_s, _) = cpu.elapsed();
     let usage = OwnUsage::now().per_job_since(usage, n);
     let peak = peak_rss_mib();
     let (ceiling, saturated) = {
@@ -1478,7 +1477,6 @@ async fn pipeline_run(
         steady_efficiency: steady_jobs_per_s.map(|r| r / ideal),
         // Without a reset the peak would be the whole process's so far: not this run's.
         peak_rss_mib: if rss_reset { peak } else { None },
-        cpu_s_per_job: cpu_s / n as f64,
         usage_per_job: usage,
         stand_in_cpu_s_per_job: stand_in_cpu_s.map(|s| s / n as f64),
         failed: i64::try_from(n).unwrap_or(i64::MAX) - succeeded,
@@ -1628,8 +1626,7 @@ impl CpuClock {
 /// User plus system CPU seconds of this process, all threads, from `getrusage` (microseconds,
 /// where `/proc` counts 10 ms ticks).
 fn own_cpu_s() -> f64 {
-    let u = OwnUsage::now();
-    u.user_s + u.system_s
+    OwnUsage::now().cpu_s()
 }
 
 /// This process's CPU split into user and kernel time, and its minor page faults (each a page
@@ -1658,6 +1655,11 @@ impl OwnUsage {
             system_s: secs(usage.ru_stime),
             minor_faults: usage.ru_minflt as f64,
         }
+    }
+
+    /// User plus kernel time.
+    fn cpu_s(self) -> f64 {
+        self.user_s + self.system_s
     }
 
     /// What was used since `earlier`, per job of `n`.
