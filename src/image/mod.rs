@@ -6,6 +6,7 @@
 //! [`renditions`] makes the sizes a site needs (specs, decode with limits, resize, encode,
 //! placeholder); [`pool`] is the bounded pool that work runs in, off the async threads.
 
+mod fast_png;
 pub mod placeholder;
 pub mod pool;
 pub mod renditions;
